@@ -1,0 +1,174 @@
+"""The command line: ``serve``, ``check-config`` and ``explain``.
+
+Every error a user can cause ends with one readable message on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from memproxy import __version__
+from memproxy.app import create_app
+from memproxy.config import (
+    DEFAULT_LITELLM_URL,
+    DEFAULT_PORT,
+    ConfigError,
+    Settings,
+    lint,
+    load_settings,
+    resolve_config_path,
+)
+from memproxy.detection import DetectorChain, PluginError, RejectedRequest, build_detector_chain
+from memproxy.forwarding import InjectedHeaders
+from memproxy.logs import configure_logging
+
+EXIT_USAGE = 2
+GRACE_SECONDS = 30.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memproxy",
+        description="Memory-routing proxy: gives each AI client its own Supermemory user id "
+                    "(x-sm-user-id) in front of a LiteLLM proxy.",
+    )
+    parser.add_argument("--version", action="version", version=f"memproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config_help = "config file (default: $LITELLM_CONFIG, then ./config.yaml)"
+    serve = commands.add_parser(
+        "serve", help="run memproxy in front of a LiteLLM proxy that is already running",
+        description="Run memproxy in front of a LiteLLM proxy that is already running.",
+    )
+    serve.add_argument("--config", "-c", help=config_help)
+    serve.add_argument("--host", help="address to listen on (default: memproxy.host, 127.0.0.1)")
+    serve.add_argument("--port", "-p", type=int,
+                       help=f"port to listen on (default: memproxy.port, {DEFAULT_PORT})")
+    serve.add_argument("--litellm-url",
+                       help=f"LiteLLM's base URL (default: $LITELLM_BASE_URL, then "
+                            f"memproxy.litellm_url, then {DEFAULT_LITELLM_URL})")
+
+    check = commands.add_parser(
+        "check-config", help="validate the config and show the detector chain",
+        description="Validate the config, print the detector chain in order and any warning. "
+                    "Exit status 0 when the config is usable, 2 when it is not.",
+    )
+    check.add_argument("--config", "-c", help=config_help)
+
+    explain = commands.add_parser(
+        "explain", help="show which user id a request with these headers would get",
+        description="Dry run of detection, offline: which user id a request with these "
+                    "headers gets, which detector decided, and why.",
+        epilog="example: memproxy explain -H 'User-Agent: claude-cli/2.0.14 (external, cli)'",
+    )
+    explain.add_argument("--config", "-c", help=config_help)
+    explain.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                         help="a request header; repeat for several")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "check-config":
+            return check_config(args)
+        return explain(args)
+    except (ConfigError, PluginError) as exc:
+        print(f"memproxy: {_where(args)}{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _where(args: argparse.Namespace) -> str:
+    path, _ = resolve_config_path(getattr(args, "config", None))
+    return f"config error in {path}: " if path else "config error: "
+
+
+def _load(args: argparse.Namespace, **overrides: object) -> tuple[Settings, DetectorChain]:
+    settings = load_settings(args.config, **overrides)  # type: ignore[arg-type]
+    return settings, build_detector_chain(settings)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings, chain = _load(args, host=args.host, port=args.port, litellm_url=args.litellm_url)
+    configure_logging(settings.log_format, settings.log_level)
+    log = structlog.get_logger("memproxy")
+    for warning in lint(settings):
+        log.warning("config_warning", message=warning)
+    log.info("memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
+             litellm_url=settings.litellm_url, config=str(settings.path or "(none)"),
+             detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
+    app = create_app(settings, chain=chain)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
+                    access_log=None, print=None, shutdown_timeout=GRACE_SECONDS)
+    except OSError as exc:
+        print(f"memproxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror}. "
+              "Pick another port with --port.", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def format_chain(chain: DetectorChain) -> str:
+    lines = [f"  {i}. {link.name:<16} priority {link.priority:>4}  {link.description}"
+             + ("" if link.plugin.startswith("memproxy.") else f"  [plugin {link.plugin}]")
+             for i, link in enumerate(chain.links, 1)]
+    return "\n".join(lines) if lines else "  (no detector enabled: every request gets the default)"
+
+
+def check_config(args: argparse.Namespace) -> int:
+    settings, chain = _load(args)
+    source = settings.path or "(no config file: built-in defaults)"
+    print(f"config: {source}")
+    print(f"listen: {settings.host}:{settings.port}  ->  LiteLLM at {settings.litellm_url}")
+    print("detector chain (first answer wins):")
+    print(format_chain(chain))
+    print(f"default user id: {settings.default_user_id}")
+    warnings = lint(settings)
+    for warning in warnings:
+        print(f"\nWARNING: {warning}")
+    if not warnings:
+        print("ok")
+    return 0
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise ConfigError("-H", f"{text!r} is not a header", "write it as 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def explain(args: argparse.Namespace) -> int:
+    settings, chain = _load(args)
+    headers: CIMultiDict[str] = CIMultiDict(parse_header(h) for h in args.header)
+    try:
+        decision = chain.detect_user(CIMultiDictProxy(headers))
+    except RejectedRequest as exc:
+        print(f"refused with 400 by {exc.detector}: {exc}")
+        return 1
+    injected = InjectedHeaders.from_settings(settings).describe(
+        decision.user_id, CIMultiDictProxy(headers))
+    print(f"user id:  {decision.user_id}")
+    print(f"detector: {decision.detector}")
+    print(f"why:      {decision.reason}")
+    print("headers sent to LiteLLM:")
+    for name, value in injected.items():
+        print(f"  {name}: {value}")
+    print("detector chain:")
+    print(format_chain(chain))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

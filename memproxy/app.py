@@ -1,0 +1,68 @@
+"""``create_app(settings)``: the one factory the command line and the tests both use."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+from aiohttp import web
+
+from memproxy.config import Settings
+from memproxy.detection import DetectorChain, build_detector_chain
+from memproxy.endpoints import FORWARDER, health_handler, info_handler
+from memproxy.forwarding import Forwarder
+
+# Large enough for any header a real client sends; LiteLLM's own limit is similar.
+MAX_LINE_SIZE = 16 * 1024
+MAX_FIELD_SIZE = 64 * 1024
+# The client session never adds headers of its own: what LiteLLM sees is what the client sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    chain: DetectorChain | None = None,
+    extra_plugins: Sequence[object] = (),
+) -> web.Application:
+    """The memproxy application for ``settings``.
+
+    The detector chain is built here unless given; ``extra_plugins`` are
+    registered beside the built-ins and installed plugins.
+    """
+    if chain is None:
+        chain = build_detector_chain(settings, extra_plugins=extra_plugins)
+    forwarder = Forwarder(settings, chain)
+    app = web.Application(client_max_size=settings.max_body_size,
+                          handler_args={"max_line_size": MAX_LINE_SIZE,
+                                        "max_field_size": MAX_FIELD_SIZE})
+    app[FORWARDER] = forwarder
+    app.cleanup_ctx.append(_client_session(settings, forwarder))
+    app.router.add_get("/memory-routing/info", info_handler)
+    app.router.add_get("/health", health_handler)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    return app
+
+
+def _client_session(settings: Settings, forwarder: Forwarder):  # type: ignore[no-untyped-def]
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        timeouts = settings.timeouts
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=timeouts.total, sock_connect=timeouts.connect,
+                sock_read=timeouts.between_chunks,
+            ),
+            auto_decompress=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        forwarder.session = session
+        try:
+            yield
+        finally:
+            forwarder.session = None
+            await session.close()
+
+    return session_ctx

@@ -1,0 +1,577 @@
+"""Turn config.yaml into frozen, validated settings.
+
+One file serves LiteLLM and memproxy: LiteLLM ignores the top-level keys it
+does not know (``user_id_mappings``, ``memproxy``), and memproxy reads
+LiteLLM's own sections only to warn about settings that would silently drop
+the headers it injects.
+
+Every mistake a user can make here raises :class:`ConfigError`, whose message
+names the key and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from memproxy.identifiers import check_id
+
+ENV_PREFIX = "os.environ/"
+DEFAULT_CONFIG_PATH = Path("config.yaml")
+DEFAULT_LITELLM_URL = "http://127.0.0.1:8765"
+DEFAULT_PORT = 8764
+
+
+class ConfigError(Exception):
+    """A configuration mistake, with the key it concerns and how to fix it."""
+
+    def __init__(self, key: str, problem: str, fix: str = "") -> None:
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        text = f"{key}: {problem}" if key else problem
+        super().__init__(f"{text}\n  fix: {fix}" if fix else text)
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs or error messages."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPattern:
+    """One ``user_id_mappings.header_patterns`` entry, compiled."""
+
+    header: str
+    pattern: re.Pattern[str]
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSettings:
+    """``memproxy.detectors.<name>``: overrides for one detector."""
+
+    priority: int | None = None
+    enabled: bool | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; ``None`` means no limit."""
+
+    connect: float | None = 10.0
+    between_chunks: float | None = 600.0
+    total: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSettings:
+    """``memproxy.headers``: what memproxy writes into forwarded requests."""
+
+    user_id: str = "x-sm-user-id"
+    conversation_id: str = "x-sm-conversation-id"
+    conversation_id_from: tuple[str, ...] = ("x-claude-code-session-id", "session-id")
+    litellm_end_user_id: bool = False
+    supermemory_api_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything memproxy needs, validated."""
+
+    path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    litellm_url: str = DEFAULT_LITELLM_URL
+    custom_header: str = "x-memory-user-id"
+    header_patterns: tuple[HeaderPattern, ...] = ()
+    default_user_id: str = "default"
+    detectors: Mapping[str, DetectorSettings] = field(default_factory=dict)
+    headers: HeaderSettings = field(default_factory=HeaderSettings)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_body_size: int = 256 * 1024 * 1024
+    log_format: str = "auto"
+    log_level: str = "info"
+    #: LiteLLM's own sections of the same file, untouched (for the lint).
+    litellm_sections: Mapping[str, Any] = field(default_factory=dict)
+
+    def detector(self, name: str) -> DetectorSettings:
+        return self.detectors.get(name, DetectorSettings())
+
+
+LITELLM_SECTIONS = ("model_list", "general_settings", "litellm_settings", "router_settings")
+
+_MEMPROXY_KEYS = {
+    "host", "port", "litellm_url", "max_body_size", "timeouts", "headers", "detectors", "log",
+}
+_MAPPING_KEYS = {"custom_header", "header_patterns", "default_user_id"}
+_PATTERN_KEYS = {"header", "pattern", "user_id"}
+_TIMEOUT_KEYS = {"connect", "between_chunks", "total"}
+_HEADER_KEYS = {
+    "user_id", "conversation_id", "conversation_id_from", "litellm_end_user_id",
+    "supermemory_api_key",
+}
+_DETECTOR_KEYS = {"priority", "enabled", "options"}
+_LOG_KEYS = {"format", "level"}
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3,
+               "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path | None, bool]:
+    """Which file to read, and whether the user asked for it by name.
+
+    Order: the ``--config`` flag, the ``LITELLM_CONFIG`` environment variable,
+    then ``./config.yaml`` if it exists.
+    """
+    if explicit:
+        return Path(explicit), True
+    from_env = os.environ.get("LITELLM_CONFIG")
+    if from_env:
+        return Path(from_env), True
+    if DEFAULT_CONFIG_PATH.is_file():
+        return DEFAULT_CONFIG_PATH, False
+    return None, False
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    litellm_url: str | None = None,
+) -> Settings:
+    """Read and validate the config; keyword arguments are command-line overrides.
+
+    ``litellm_url`` precedence: the argument, ``LITELLM_BASE_URL``, the file,
+    the default.
+    """
+    file, _ = resolve_config_path(path)
+    raw: Mapping[str, Any] = {}
+    if file is not None:
+        raw = _read_yaml(file)
+    settings = parse_settings(raw, path=file)
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = _check_port("--port", port)
+    url = litellm_url or os.environ.get("LITELLM_BASE_URL")
+    if url:
+        key = "--litellm-url" if litellm_url else "LITELLM_BASE_URL"
+        overrides["litellm_url"] = _check_url(key, url)
+    if overrides:
+        settings = _replace(settings, **overrides)
+    return settings
+
+
+def _replace(settings: Settings, **changes: Any) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+def _read_yaml(file: Path) -> Mapping[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            "", f"config file {file} does not exist",
+            "pass --config with the path of your config.yaml, or run from the folder that has it",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file {file}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(
+            "", f"{file} is not valid YAML{where}: {problem}",
+            "check the indentation and quoting on that line",
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"{file} must hold a mapping of sections at the top level")
+    return data
+
+
+def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Settings:
+    """Validate an already-parsed config document."""
+    mappings = _section(raw, "user_id_mappings", _MAPPING_KEYS)
+    section = _section(raw, "memproxy", _MEMPROXY_KEYS)
+
+    custom_header = _header_name(
+        "user_id_mappings.custom_header", mappings.get("custom_header", "x-memory-user-id")
+    )
+    default_user_id = _user_id(
+        "user_id_mappings.default_user_id", mappings.get("default_user_id", "default")
+    )
+    patterns = _patterns(mappings.get("header_patterns"))
+
+    timeouts_raw = _section(section, "timeouts", _TIMEOUT_KEYS, prefix="memproxy.")
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        connect=_seconds("memproxy.timeouts.connect", timeouts_raw, "connect", defaults.connect),
+        between_chunks=_seconds(
+            "memproxy.timeouts.between_chunks", timeouts_raw, "between_chunks",
+            defaults.between_chunks,
+        ),
+        total=_seconds("memproxy.timeouts.total", timeouts_raw, "total", defaults.total),
+    )
+
+    log_raw = _section(section, "log", _LOG_KEYS, prefix="memproxy.")
+    log_format = _choice("memproxy.log.format", _env(log_raw.get("format", "auto")), _LOG_FORMATS)
+    log_level = _choice("memproxy.log.level", _env(log_raw.get("level", "info")), _LOG_LEVELS)
+
+    return Settings(
+        path=path,
+        host=_string("memproxy.host", _env(section.get("host", "127.0.0.1"))),
+        port=_check_port("memproxy.port", _env(section.get("port", DEFAULT_PORT))),
+        litellm_url=_check_url(
+            "memproxy.litellm_url", _env(section.get("litellm_url", DEFAULT_LITELLM_URL))
+        ),
+        custom_header=custom_header,
+        header_patterns=patterns,
+        default_user_id=default_user_id,
+        detectors=_detectors(section.get("detectors")),
+        headers=_headers(_section(section, "headers", _HEADER_KEYS, prefix="memproxy.")),
+        timeouts=timeouts,
+        max_body_size=_size("memproxy.max_body_size", section.get("max_body_size", "256MiB")),
+        log_format=log_format,
+        log_level=log_level,
+        litellm_sections={k: raw[k] for k in LITELLM_SECTIONS if k in raw},
+    )
+
+
+# -- the LiteLLM header-forwarding lint ---------------------------------------------------
+
+FORWARDING_FIX = """\
+LiteLLM drops client headers such as x-sm-user-id unless it is told to forward them.
+Add this to the LiteLLM config (the same config.yaml):
+
+    general_settings:
+      forward_client_headers_to_llm_api: true
+
+or, for some models only:
+
+    litellm_settings:
+      model_group_settings:
+        forward_client_headers_to_llm_api: [model-name, ...]"""
+
+
+def lint(settings: Settings) -> list[str]:
+    """Warnings about a LiteLLM config that would lose the injected headers.
+
+    Only runs when the file holds LiteLLM sections: a memproxy-only file
+    says nothing about how LiteLLM is configured.
+    """
+    sections = settings.litellm_sections
+    if not sections:
+        return []
+    general = sections.get("general_settings") or {}
+    litellm_settings = sections.get("litellm_settings") or {}
+    groups = litellm_settings.get("model_group_settings") if isinstance(
+        litellm_settings, Mapping
+    ) else None
+    per_model = groups.get("forward_client_headers_to_llm_api") if isinstance(
+        groups, Mapping
+    ) else None
+    if isinstance(general, Mapping) and general.get("forward_client_headers_to_llm_api") is True:
+        return []
+    if isinstance(per_model, list) and per_model:
+        names = _model_names(sections.get("model_list"))
+        missed = [n for n in names if n not in per_model]
+        if missed:
+            return [
+                "LiteLLM forwards client headers only for "
+                f"{', '.join(map(str, per_model))}; requests to {', '.join(missed)} reach "
+                f"the provider without {settings.headers.user_id}, so they get no memory.\n"
+                + FORWARDING_FIX
+            ]
+        return []
+    return [
+        f"LiteLLM will silently drop {settings.headers.user_id}: header forwarding is off "
+        "in this config, so no request reaches the provider with a memory user id.\n"
+        + FORWARDING_FIX
+    ]
+
+
+def _model_names(model_list: Any) -> list[str]:
+    if not isinstance(model_list, list):
+        return []
+    names: list[str] = []
+    for entry in model_list:
+        if isinstance(entry, Mapping) and isinstance(entry.get("model_name"), str):
+            if entry["model_name"] not in names:
+                names.append(entry["model_name"])
+    return names
+
+
+# -- field validators -----------------------------------------------------------------
+
+
+def _env(value: Any, key: str = "") -> Any:
+    """Resolve LiteLLM-style ``os.environ/NAME`` references; unset gives ``None``."""
+    if isinstance(value, str) and value.startswith(ENV_PREFIX):
+        return os.environ.get(value[len(ENV_PREFIX):]) or None
+    return value
+
+
+def _unknown_key_error(where: str, key: Any, allowed: set[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else ""
+    fix = f"{hint} Known keys: {', '.join(sorted(allowed))}".strip()
+    return ConfigError(f"{where}{key}", "unknown key", fix)
+
+
+def _section(
+    raw: Mapping[str, Any], name: str, allowed: set[str], *, prefix: str = ""
+) -> Mapping[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{prefix}{name}", f"must be a mapping of keys, got {_kind(value)}",
+            f"indent the keys of {name}: under it",
+        )
+    for key in value:
+        if key not in allowed:
+            raise _unknown_key_error(f"{prefix}{name}.", key, allowed)
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {str: "text", bool: "true/false", int: "a number", float: "a number",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be non-empty text, got {_kind(value)}")
+    return value
+
+
+def _header_name(key: str, value: Any) -> str:
+    value = _env(value)
+    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
+        raise ConfigError(
+            key, f"must be an HTTP header name, got {value!r}",
+            "use letters, digits and dashes, e.g. x-memory-user-id",
+        )
+    return value.lower()
+
+
+def _user_id(key: str, value: Any) -> str:
+    value = _env(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be text, got {_kind(value)}")
+    problem = check_id(value)
+    if problem:
+        raise ConfigError(key, f"{value!r} is not a valid user id: {problem}")
+    return value
+
+
+def _check_port(key: str, value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(key, f"must be a port number from 0 to 65535, got {value!r}")
+    return value
+
+
+def _check_url(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a URL, got {_kind(value)}",
+                          f"e.g. {DEFAULT_LITELLM_URL}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            key, f"{value!r} is not an http(s) URL", f"e.g. {DEFAULT_LITELLM_URL}"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(key, "must not have a query string or fragment",
+                          f"e.g. {DEFAULT_LITELLM_URL}")
+    return value.rstrip("/")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if isinstance(value, str) and value.lower() in choices:
+        return value.lower()
+    raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _seconds(key: str, raw: Mapping[str, Any], name: str, default: float | None) -> float | None:
+    if name not in raw:
+        return default
+    value = _env(raw[name])
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(
+            key, f"must be a positive number of seconds or null (no limit), got {value!r}"
+        )
+    return float(value)
+
+
+def _size(key: str, value: Any) -> int:
+    value = _env(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match:
+            unit = (match.group(2) or "").lower().rstrip("b")
+            return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    raise ConfigError(
+        key, f"must be a size in bytes, got {value!r}", "e.g. 104857600, '100MB' or '256MiB'"
+    )
+
+
+def _patterns(value: Any) -> tuple[HeaderPattern, ...]:
+    key = "user_id_mappings.header_patterns"
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be a list, got {_kind(value)}",
+                          "start each entry with '- header: ...'")
+    compiled = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(where, f"must be a mapping with header, pattern and user_id, "
+                                     f"got {_kind(entry)}")
+        for name in entry:
+            if name not in _PATTERN_KEYS:
+                raise _unknown_key_error(f"{where}.", name, _PATTERN_KEYS)
+        for name in ("pattern", "user_id"):
+            if name not in entry:
+                raise ConfigError(f"{where}.{name}", "is missing",
+                                  "each entry needs header, pattern and user_id")
+        header = _header_name(f"{where}.header", entry.get("header", "user-agent"))
+        text = _env(entry["pattern"])
+        if not isinstance(text, str) or not text:
+            raise ConfigError(f"{where}.pattern", f"must be a regular expression, got "
+                                                 f"{_kind(text)}")
+        try:
+            pattern = re.compile(text, re.IGNORECASE)
+        except re.error as exc:
+            raise ConfigError(
+                f"{where}.pattern", f"{text!r} is not a valid regular expression: {exc}",
+                "escape special characters such as ( ) [ ] . + with a backslash, "
+                "or quote the pattern in single quotes",
+            ) from None
+        compiled.append(HeaderPattern(header, pattern, _user_id(f"{where}.user_id",
+                                                                 entry["user_id"])))
+    return tuple(compiled)
+
+
+def _detectors(value: Any) -> Mapping[str, DetectorSettings]:
+    key = "memproxy.detectors"
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping of detector names, got {_kind(value)}")
+    result: dict[str, DetectorSettings] = {}
+    for name, entry in value.items():
+        where = f"{key}.{name}"
+        if entry is None:
+            entry = {}
+        if entry is False:
+            entry = {"enabled": False}
+        if not isinstance(entry, Mapping):
+            raise ConfigError(where, f"must be a mapping (priority, enabled, options), "
+                                     f"got {_kind(entry)}")
+        for k in entry:
+            if k not in _DETECTOR_KEYS:
+                raise _unknown_key_error(f"{where}.", k, _DETECTOR_KEYS)
+        priority = _env(entry.get("priority"))
+        if isinstance(priority, str) and priority.lstrip("-").isdigit():
+            priority = int(priority)
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise ConfigError(f"{where}.priority", f"must be a whole number, got {priority!r}",
+                              "higher numbers run first, e.g. 100")
+        enabled = _env(entry.get("enabled"))
+        if isinstance(enabled, str) and enabled.lower() in ("true", "false"):
+            enabled = enabled.lower() == "true"
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ConfigError(f"{where}.enabled", f"must be true or false, got {enabled!r}")
+        options = entry.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{where}.options", f"must be a mapping, got {_kind(options)}")
+        result[str(name)] = DetectorSettings(
+            priority=priority, enabled=enabled,
+            options={str(k): _env(v) for k, v in options.items()},
+        )
+    return result
+
+
+def _headers(raw: Mapping[str, Any]) -> HeaderSettings:
+    defaults = HeaderSettings()
+    sources = raw.get("conversation_id_from", list(defaults.conversation_id_from))
+    if sources is None:
+        sources = []
+    if not isinstance(sources, list):
+        raise ConfigError("memproxy.headers.conversation_id_from",
+                          f"must be a list of header names, got {_kind(sources)}")
+    end_user = _env(raw.get("litellm_end_user_id", False))
+    if not isinstance(end_user, bool):
+        raise ConfigError("memproxy.headers.litellm_end_user_id",
+                          f"must be true or false, got {end_user!r}")
+    if "supermemory_api_key" in raw:
+        key_value = _env(raw["supermemory_api_key"])
+    else:
+        key_value = os.environ.get("SUPERMEMORY_API_KEY") or None
+    if key_value is not None and not isinstance(key_value, str):
+        raise ConfigError("memproxy.headers.supermemory_api_key",
+                          "must be text, e.g. os.environ/SUPERMEMORY_API_KEY")
+    return HeaderSettings(
+        user_id=_header_name("memproxy.headers.user_id", raw.get("user_id", defaults.user_id)),
+        conversation_id=_header_name(
+            "memproxy.headers.conversation_id",
+            raw.get("conversation_id", defaults.conversation_id),
+        ),
+        conversation_id_from=tuple(
+            _header_name(f"memproxy.headers.conversation_id_from[{i}]", h)
+            for i, h in enumerate(sources)
+        ),
+        litellm_end_user_id=end_user,
+        supermemory_api_key=Secret(key_value) if key_value else None,
+    )

@@ -1,0 +1,1 @@
+"""The built-in detectors, each an ordinary plugin registered like a third party's."""

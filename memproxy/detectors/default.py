@@ -1,0 +1,24 @@
+"""The last resort: ``user_id_mappings.default_user_id`` (``default`` unless set)."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDictProxy
+
+from memproxy import Detection, DetectFunction, DetectorContext, DetectorSpec, hookimpl
+
+
+def build(ctx: DetectorContext) -> DetectFunction:
+    answer = Detection(ctx.settings.default_user_id, "no other detector answered")
+
+    def detect(headers: CIMultiDictProxy[str]) -> Detection:
+        return answer
+
+    return detect
+
+
+@hookimpl
+def memproxy_detectors() -> list[DetectorSpec]:
+    return [DetectorSpec(
+        name="default", priority=0, build=build, options=frozenset(),
+        description="user_id_mappings.default_user_id for everything else",
+    )]

@@ -1,0 +1,37 @@
+"""The client names its memory user itself, in ``x-memory-user-id`` (configurable).
+
+The header name comes from ``user_id_mappings.custom_header``. A value that is
+present but unusable (too long, control characters, ...) refuses the request
+with 400 instead of silently landing in another memory space.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDictProxy
+
+from memproxy import DetectFunction, DetectorContext, DetectorSpec, InvalidUserId, hookimpl
+from memproxy.identifiers import check_id
+
+
+def build(ctx: DetectorContext) -> DetectFunction:
+    header = ctx.settings.custom_header
+
+    def detect(headers: CIMultiDictProxy[str]) -> str | None:
+        value = headers.get(header)
+        if value is None:
+            return None
+        value = value.strip()
+        problem = check_id(value)
+        if problem:
+            raise InvalidUserId(f"the {header} header is not a valid user id: {problem}")
+        return value
+
+    return detect
+
+
+@hookimpl
+def memproxy_detectors() -> list[DetectorSpec]:
+    return [DetectorSpec(
+        name="explicit_header", priority=100, build=build, options=frozenset(),
+        description="the client's own x-memory-user-id header (user_id_mappings.custom_header)",
+    )]

@@ -1,0 +1,37 @@
+"""Regular expressions on any request header, from ``user_id_mappings.header_patterns``.
+
+Patterns are compiled once at load, searched case-insensitively, and tried in
+the order the config lists them; the first that matches names the user.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDictProxy
+
+from memproxy import Detection, DetectFunction, DetectorContext, DetectorSpec, hookimpl
+
+
+def build(ctx: DetectorContext) -> DetectFunction:
+    rules = tuple(
+        (rule.header, rule.pattern.search, rule.user_id,
+         f"{rule.header} matches {rule.pattern.pattern!r}")
+        for rule in ctx.settings.header_patterns
+    )
+
+    def detect(headers: CIMultiDictProxy[str]) -> Detection | None:
+        for header, search, user_id, reason in rules:
+            for value in headers.getall(header, ()):
+                if search(value):
+                    return Detection(user_id, reason)
+        return None
+
+    return detect
+
+
+@hookimpl
+def memproxy_detectors() -> list[DetectorSpec]:
+    return [DetectorSpec(
+        name="header_patterns", priority=80, build=build, options=frozenset(),
+        description="regular expressions on User-Agent or any header "
+                    "(user_id_mappings.header_patterns)",
+    )]

@@ -1,0 +1,69 @@
+"""What memproxy answers itself instead of forwarding."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from memproxy import __version__
+from memproxy.detection import RejectedRequest
+from memproxy.errors import dialect_of, error_response
+from memproxy.forwarding import Forwarder
+
+LIVELINESS_PATH = "/health/liveliness"
+HEALTH_TIMEOUT = 2.0
+
+
+def routing_info(forwarder: Forwarder, request: web.Request) -> dict[str, object]:
+    """Where the caller's own request would land: the seed's debug document, extended."""
+    decision = forwarder.decide(request.headers)
+    return {
+        "user_id": decision.user_id,
+        "detector": decision.detector,
+        "reason": decision.reason,
+        "detector_chain": forwarder.chain.describe(),
+        "injected_headers": forwarder.injected.describe(decision.user_id, request.headers),
+        "litellm_url": forwarder.upstream,
+    }
+
+
+async def info_handler(request: web.Request) -> web.Response:
+    forwarder = request.app[FORWARDER]
+    try:
+        return web.json_response(routing_info(forwarder, request))
+    except RejectedRequest as exc:
+        return error_response(dialect_of(request.path, request.headers), 400, str(exc),
+                              "invalid_user_id")
+
+
+async def litellm_alive(forwarder: Forwarder) -> tuple[bool, str]:
+    """Ask LiteLLM's unauthenticated liveliness probe; ``(ok, detail)``."""
+    assert forwarder.session is not None
+    try:
+        async with forwarder.session.get(
+            forwarder.upstream + LIVELINESS_PATH,
+            timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT),
+        ) as response:
+            await response.read()
+            if response.status == 200:
+                return True, "ok"
+            return False, f"{LIVELINESS_PATH} answered {response.status}"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return False, f"unreachable ({type(exc).__name__})"
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    forwarder = request.app[FORWARDER]
+    ok, detail = await litellm_alive(forwarder)
+    body = {
+        "status": "ok" if ok else "degraded",
+        "memproxy": {"status": "ok", "version": __version__},
+        "litellm": {"status": "ok" if ok else "unavailable", "url": forwarder.upstream,
+                    "detail": detail},
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+FORWARDER = web.AppKey("forwarder", Forwarder)

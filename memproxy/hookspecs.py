@@ -1,0 +1,102 @@
+"""The detector contract: the one hook a detector plugin implements, and its types.
+
+A detector looks at the headers of one request and either names the memory user
+the request belongs to or passes. memproxy asks its detectors in order of
+priority, highest first; the first answer wins.
+
+A plugin provides detectors by implementing :func:`memproxy_detectors`::
+
+    from memproxy import DetectorContext, DetectorSpec, hookimpl
+
+    def build(ctx: DetectorContext):
+        header = ctx.options.get("header", "x-team")
+        def detect(headers):
+            return headers.get(header)
+        return detect
+
+    @hookimpl
+    def memproxy_detectors():
+        return [DetectorSpec(name="team", priority=60, build=build,
+                             description="the x-team header")]
+
+and declaring the module in the ``memproxy.detectors`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from multidict import CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from memproxy.config import Settings
+
+hookspec = pluggy.HookspecMarker("memproxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """A detector's answer when it wants to say why it decided."""
+
+    user_id: str
+    reason: str = ""
+
+
+#: What a built detector is: request headers in, a user id (or a
+#: :class:`Detection`, or ``None`` to pass) out. Called once per request, so
+#: do the expensive work (compiling patterns, reading options) in ``build``.
+DetectFunction = Callable[[CIMultiDictProxy[str]], "str | Detection | None"]
+
+
+class InvalidUserId(Exception):
+    """Raised by a detector when the client sent an id that cannot be used.
+
+    The request is refused with ``400`` and this exception's message, in the
+    client's own error format. Raise it only for ids the client chose
+    explicitly; for anything else, return ``None`` and let the next detector
+    decide.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorContext:
+    """What a detector's ``build`` function is given at start-up."""
+
+    #: ``memproxy.detectors.<name>.options`` from the config, or ``{}``.
+    options: Mapping[str, Any]
+    #: The whole validated configuration.
+    settings: Settings
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSpec:
+    """One detector, as a plugin declares it."""
+
+    #: Unique name; also the key under ``memproxy.detectors`` in the config.
+    name: str
+    #: Default place in the chain: higher runs first. Config may override it.
+    priority: int
+    #: Called once at start-up (and on reload) to make the detect function.
+    build: Callable[[DetectorContext], DetectFunction]
+    #: One line for the operator, shown by ``check-config`` and ``/memory-routing/info``.
+    description: str = ""
+    #: Whether the detector runs when the config does not mention it.
+    enabled_by_default: bool = True
+    #: Option names the detector understands; others are a config error.
+    #: ``None`` accepts any option.
+    options: frozenset[str] | None = field(default=None)
+
+
+@hookspec
+def memproxy_detectors() -> Iterable[DetectorSpec]:  # type: ignore[empty-body]
+    """Return the detectors this plugin provides.
+
+    Called once when memproxy starts. Each :class:`DetectorSpec` names a
+    detector, its default priority and the ``build`` function that turns its
+    options into a detect function. A name already taken by another plugin,
+    or anything other than a ``DetectorSpec``, stops start-up with a message
+    naming the plugin.
+    """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pluggy
 
+from memproxy.config import ConfigError
 from memproxy.hookspecs import (
     Detection,
     DetectFunction,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("memproxy")
 
 __all__ = [
+    "ConfigError",
     "Detection",
     "DetectFunction",
     "DetectorContext",

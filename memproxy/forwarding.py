@@ -183,10 +183,12 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
             body = None
+            line["bytes_in"] = 0
         elif length is not None and length <= SMALL_BODY:
             body = await request.read()
+            line["bytes_in"] = len(body)
         else:
-            body = self._stream_body(request)
+            body = self._stream_body(request, line)
 
         url = URL(self.upstream + request.raw_path, encoded=True)
         assert self.session is not None, "the client session starts with the application"
@@ -232,10 +234,13 @@ class Forwarder:
             f"{self.max_body_size} bytes (memproxy.max_body_size)", "request_too_large",
         )
 
-    async def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
+    async def _stream_body(
+        self, request: web.Request, line: dict[str, object]
+    ) -> AsyncIterator[bytes]:
         seen = 0
         async for chunk in request.content.iter_any():
             seen += len(chunk)
+            line["bytes_in"] = seen
             if seen > self.max_body_size:
                 raise BodyTooLarge()
             yield chunk

@@ -146,7 +146,7 @@ class FakeProvider:
             self._record_fh = self._record_path.open("a", encoding="utf-8")
         # A low-level server rather than an Application: every request reaches _handle,
         # whatever its method or target (even CONNECT host:443), so all of them are recorded.
-        server = web.Server(self._handle, client_max_size=64 * 1024 * 1024)
+        server = web.Server(self._handle)
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -218,11 +218,11 @@ class FakeProvider:
     # ----------------------------------------------------------------- dispatch
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        body = await request.read()
+        body = await request.content.read()  # no size limit, unlike request.read()
         self._record(
             RecordedRequest(
                 method=request.method,
-                path=request.path,
+                path=request.path or request.raw_path,  # CONNECT host:port has no path
                 query=request.query_string,
                 headers={k.lower(): v for k, v in request.headers.items()},
                 body=body,

@@ -1,0 +1,184 @@
+"""Config loading: what a user who makes a mistake sees, and the header-forwarding lint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memproxy.config import ConfigError, lint, load_settings, parse_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "memproxy", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd, env=env)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+SEED_CONFIG = """\
+model_list:
+  - model_name: gpt-4
+    litellm_params: {model: openai/gpt-4, api_key: os.environ/OPENAI_API_KEY}
+user_id_mappings:
+  custom_header: "x-memory-user-id"
+  header_patterns:
+    - header: "user-agent"
+      pattern: "Claude Code"
+      user_id: "claude-code-user"
+    - header: "user-agent"
+      pattern: "JetBrains"
+      user_id: "jetbrains-user"
+  default_user_id: "default"
+"""
+
+
+def test_seed_format_config_loads_unchanged(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, SEED_CONFIG))
+    assert [p.user_id for p in settings.header_patterns] == ["claude-code-user", "jetbrains-user"]
+    assert settings.custom_header == "x-memory-user-id"
+    assert settings.port == 8764
+    assert settings.litellm_url == "http://127.0.0.1:8765"
+
+
+@pytest.mark.parametrize("text, key, hint", [
+    ("user_id_mappings:\n  header_patterns:\n    - {header: user-agent, pattern: '(unclosed', "
+     "user_id: x}\n", "user_id_mappings.header_patterns[0].pattern", "escape"),
+    ("memproxy:\n  prot: 8000\n", "memproxy.prot", "did you mean 'port'"),
+    ("memproxy:\n  port: eighty\n", "memproxy.port", "0 to 65535"),
+    ("memproxy:\n  timeouts:\n    connect: -1\n", "memproxy.timeouts.connect", "positive"),
+    ("memproxy:\n  max_body_size: lots\n", "memproxy.max_body_size", "256MiB"),
+    ("memproxy:\n  litellm_url: localhost:8765\n", "memproxy.litellm_url", "http://"),
+    ("memproxy:\n  log:\n    format: xml\n", "memproxy.log.format", "json"),
+    ("memproxy:\n  detectors:\n    default:\n      priority: high\n",
+     "memproxy.detectors.default.priority", "whole number"),
+    ("user_id_mappings:\n  default_user_id: 'has space'\n", "user_id_mappings.default_user_id",
+     "letters, digits"),
+    ("user_id_mappings:\n  header_patterns:\n    - {header: user-agent, pattern: x}\n",
+     "user_id_mappings.header_patterns[0].user_id", "missing"),
+    ("memproxy: [1, 2]\n", "memproxy", "mapping"),
+])
+def test_config_mistake_names_the_key_and_the_fix(
+    tmp_path: Path, text: str, key: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert caught.value.key == key
+    assert hint in str(caught.value)
+
+
+def test_check_config_reports_a_mistake_without_a_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "memproxy:\n  prot: 8000\n")
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "memproxy.prot: unknown key" in result.stderr
+    assert "did you mean 'port'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "memproxy:\n  port: 1\n   host: x\n")
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "line 3" in result.stderr
+
+
+def test_environment_references_are_resolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MP_PORT", "9001")
+    monkeypatch.setenv("MP_KEY", "sm-from-env")
+    path = write(tmp_path, "memproxy:\n  port: os.environ/MP_PORT\n"
+                           "  headers:\n    supermemory_api_key: os.environ/MP_KEY\n")
+    settings = load_settings(path)
+    assert settings.port == 9001
+    assert settings.headers.supermemory_api_key is not None
+    assert settings.headers.supermemory_api_key.reveal() == "sm-from-env"
+
+
+def test_seed_environment_variables_are_honoured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "memproxy:\n  litellm_url: http://127.0.0.1:1111\n")
+    monkeypatch.setenv("LITELLM_CONFIG", str(path))
+    monkeypatch.setenv("LITELLM_BASE_URL", "http://127.0.0.1:2222/")
+    settings = load_settings()
+    assert settings.path == path
+    assert settings.litellm_url == "http://127.0.0.1:2222"
+    assert load_settings(litellm_url="http://10.0.0.1:3333").litellm_url == \
+        "http://10.0.0.1:3333"
+
+
+def test_sizes_accept_units() -> None:
+    assert parse_settings({"memproxy": {"max_body_size": "10MB"}}).max_body_size == 10_000_000
+    assert parse_settings({"memproxy": {"max_body_size": "1 MiB"}}).max_body_size == 1024**2
+    assert parse_settings({"memproxy": {"max_body_size": 512}}).max_body_size == 512
+
+
+def test_lint_warns_when_litellm_would_drop_the_user_id_header(tmp_path: Path) -> None:
+    warnings = lint(load_settings(write(tmp_path, SEED_CONFIG)))
+    assert len(warnings) == 1
+    assert "silently drop x-sm-user-id" in warnings[0]
+    assert "forward_client_headers_to_llm_api: true" in warnings[0]
+    result = run_cli("check-config", "--config", str(tmp_path / "config.yaml"))
+    assert result.returncode == 0
+    assert "WARNING: LiteLLM will silently drop x-sm-user-id" in result.stdout
+
+
+def test_lint_is_quiet_when_forwarding_is_on(tmp_path: Path) -> None:
+    config = SEED_CONFIG + "general_settings:\n  forward_client_headers_to_llm_api: true\n"
+    assert lint(load_settings(write(tmp_path, config))) == []
+
+
+def test_lint_names_models_left_out_of_a_per_model_forwarding_list(tmp_path: Path) -> None:
+    text = SEED_CONFIG.replace(
+        "user_id_mappings:",
+        "  - model_name: claude\n    litellm_params: {model: anthropic/claude}\n"
+        "user_id_mappings:",
+    ) + ("litellm_settings:\n  model_group_settings:\n"
+         "    forward_client_headers_to_llm_api: [gpt-4]\n")
+    warnings = lint(load_settings(write(tmp_path, text)))
+    assert len(warnings) == 1
+    assert "requests to claude reach the provider without x-sm-user-id" in warnings[0]
+
+
+def test_bundled_config_is_valid_and_forwards_headers() -> None:
+    result = run_cli("check-config", "--config", str(ROOT / "config.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stdout
+    assert "1. explicit_header" in result.stdout
+
+
+@pytest.mark.parametrize("agent, expected", [
+    ("claude-cli/2.0.14 (external, cli)", "claude-code"),
+    ("claude-cli/2.1.197 (external, sdk-cli)", "claude-code"),
+    ("OpenAIClientImpl/Java", "jetbrains"),
+    ("OpenAIClientAsyncImpl/Java", "jetbrains"),
+    ("codex_cli_rs/0.50.0 (Mac OS 15.0; arm64)", "codex"),
+    ("codex_exec/0.50.0 (Linux; x86_64)", "codex"),
+    ("OpenAI/Python 1.99.0", "openai-python"),
+    ("AsyncOpenAI/Python 1.99.0", "openai-python"),
+    ("Anthropic/Python 0.60.0", "anthropic-python"),
+    ("curl/8.5.0", "curl"),
+    ("Bun/1.2.0", "default"),
+])
+def test_bundled_patterns_match_what_real_clients_send(agent: str, expected: str) -> None:
+    result = run_cli("explain", "--config", str(ROOT / "config.yaml"), "-H", f"User-Agent: {agent}")
+    assert result.returncode == 0, result.stderr
+    assert f"user id:  {expected}\n" in result.stdout

@@ -11,8 +11,8 @@ import pluggy
 
 from memproxy.config import ConfigError
 from memproxy.hookspecs import (
-    Detection,
     DetectFunction,
+    Detection,
     DetectorContext,
     DetectorSpec,
     InvalidUserId,
@@ -25,8 +25,8 @@ hookimpl = pluggy.HookimplMarker("memproxy")
 
 __all__ = [
     "ConfigError",
-    "Detection",
     "DetectFunction",
+    "Detection",
     "DetectorContext",
     "DetectorSpec",
     "InvalidUserId",

@@ -7,8 +7,12 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -28,6 +32,8 @@ from memproxy.config import (
 from memproxy.detection import DetectorChain, PluginError, RejectedRequest, build_detector_chain
 from memproxy.forwarding import InjectedHeaders
 from memproxy.logs import configure_logging
+from memproxy.runner import serve_until_signalled
+from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
 
 EXIT_USAGE = 2
 GRACE_SECONDS = 30.0
@@ -55,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"LiteLLM's base URL (default: $LITELLM_BASE_URL, then "
                             f"memproxy.litellm_url, then {DEFAULT_LITELLM_URL})")
 
+    start = commands.add_parser(
+        "start", help="run LiteLLM and memproxy in front of it (the whole chain)",
+        description="Start the real LiteLLM proxy as a supervised child on the LiteLLM port, "
+                    "wait until it is ready, then serve memproxy in front of it. LiteLLM is "
+                    "restarted if it dies and stopped when memproxy stops.",
+    )
+    _add_start_flags(start, config_help)
+
     check = commands.add_parser(
         "check-config", help="validate the config and show the detector chain",
         description="Validate the config, print the detector chain in order and any warning. "
@@ -74,19 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_start_flags(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("--config", "-c", help=config_help)
+    parser.add_argument("--litellm-port", type=int, default=8765,
+                        help="port for LiteLLM, on 127.0.0.1 (default: 8765)")
+    parser.add_argument("--memoryproxy-port", "--port", dest="port", type=int,
+                        help=f"port for memproxy (default: memproxy.port, {DEFAULT_PORT})")
+    parser.add_argument("--host", help="address memproxy listens on (default: memproxy.host)")
+    parser.add_argument("--grace", type=float, default=GRACE_SECONDS,
+                        help="seconds in-flight requests get to finish on shutdown "
+                             f"(default: {GRACE_SECONDS:.0f})")
+    parser.add_argument("--ready-timeout", type=float, default=120.0,
+                        help="seconds to wait for LiteLLM to start (default: 120)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "start":
+            return start(args)
         if args.command == "check-config":
             return check_config(args)
         return explain(args)
     except (ConfigError, PluginError) as exc:
         print(f"memproxy: {_where(args)}{exc}", file=sys.stderr)
         return EXIT_USAGE
+    except LiteLLMStartError as exc:
+        print(f"memproxy: cannot start LiteLLM: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def start_proxies() -> int:
+    """The ``start-proxies`` console script: ``memproxy start`` under its original name."""
+    return main(["start", *sys.argv[1:]])
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -109,14 +147,77 @@ def serve(args: argparse.Namespace) -> int:
              litellm_url=settings.litellm_url, config=str(settings.path or "(none)"),
              detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
     app = create_app(settings, chain=chain)
+    return _run(app, settings, GRACE_SECONDS)
+
+
+def _run(app: web.Application, settings: Settings, grace: float,
+         on_ready: Callable[[], None] | None = None) -> int:
     try:
-        web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
-                    access_log=None, print=None, shutdown_timeout=GRACE_SECONDS)
+        asyncio.run(serve_until_signalled(app, settings.host, settings.port, grace=grace,
+                                          on_ready=on_ready))
     except OSError as exc:
-        print(f"memproxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror}. "
-              "Pick another port with --port.", file=sys.stderr)
+        print(f"memproxy: cannot listen on {settings.host}:{settings.port}: "
+              f"{exc.strerror or exc}. Pick another port with --port.", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _master_key_configured(settings: Settings) -> bool:
+    general = settings.litellm_sections.get("general_settings")
+    return bool(os.environ.get("LITELLM_MASTER_KEY")) or (
+        isinstance(general, dict) and bool(general.get("master_key")))
+
+
+def start(args: argparse.Namespace) -> int:
+    litellm_url = f"http://127.0.0.1:{args.litellm_port}"
+    settings, chain = _load(args, host=args.host, port=args.port, litellm_url=litellm_url)
+    if settings.path is None:
+        raise ConfigError("--config", "start needs a config file for LiteLLM",
+                          "run it in the folder with config.yaml, or pass --config FILE")
+    find_litellm()  # fail early, with the install hint, before anything starts
+    configure_logging(settings.log_format, settings.log_level)
+    log = structlog.get_logger("memproxy")
+    for warning in lint(settings):
+        log.warning("config_warning", message=warning)
+
+    env = dict(os.environ)
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    generated_key = None
+    if not _master_key_configured(settings):
+        generated_key = "sk-memproxy-" + secrets.token_urlsafe(24)
+        env["LITELLM_MASTER_KEY"] = generated_key
+    supervisor = LiteLLMSupervisor(config=Path(settings.path), port=args.litellm_port, env=env,
+                                   ready_timeout=args.ready_timeout)
+    log.info("memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
+             litellm_url=litellm_url, config=str(settings.path),
+             detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
+    app = create_app(settings, chain=chain, supervisor=supervisor)
+
+    def banner() -> None:
+        url = f"http://{settings.host}:{settings.port}"
+        key = generated_key or "$LITELLM_MASTER_KEY"
+        lines = [
+            "",
+            f"memproxy {__version__} is up.",
+            f"  memproxy  {url}   <- point your clients here (OpenAI or Anthropic base URL)",
+            f"  LiteLLM   {litellm_url}   (pid {supervisor.pid}, config {settings.path})",
+        ]
+        if generated_key:
+            lines += ["  API key   " + generated_key,
+                      "            generated for this run, since no LiteLLM master key is set;",
+                      "            set LITELLM_MASTER_KEY to choose a lasting one."]
+        lines += [
+            "  Try it:",
+            f"    curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' \\",
+            "      -H 'Content-Type: application/json' \\",
+            "      -d '{\"model\": \"memproxy-demo\", "
+            "\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}' -i",
+            f"  Which memory space am I in?  curl -s {url}/memory-routing/info",
+            "",
+        ]
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    return _run(app, settings, args.grace, on_ready=banner)
 
 
 def format_chain(chain: DetectorChain) -> str:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
 
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain, build_detector_chain
-from memproxy.endpoints import FORWARDER, health_handler, info_handler
+from memproxy.endpoints import FORWARDER, SUPERVISOR, health_handler, info_handler
 from memproxy.forwarding import Forwarder
+from memproxy.supervisor import LiteLLMSupervisor, supervised
 
 # Large enough for any header a real client sends; LiteLLM's own limit is similar.
 MAX_LINE_SIZE = 16 * 1024
@@ -24,11 +25,14 @@ def create_app(
     *,
     chain: DetectorChain | None = None,
     extra_plugins: Sequence[object] = (),
+    supervisor: LiteLLMSupervisor | None = None,
 ) -> web.Application:
     """The memproxy application for ``settings``.
 
     The detector chain is built here unless given; ``extra_plugins`` are
-    registered beside the built-ins and installed plugins.
+    registered beside the built-ins and installed plugins. With a
+    ``supervisor``, LiteLLM is started before memproxy accepts requests and
+    stopped after the last one has finished.
     """
     if chain is None:
         chain = build_detector_chain(settings, extra_plugins=extra_plugins)
@@ -38,13 +42,21 @@ def create_app(
                                         "max_field_size": MAX_FIELD_SIZE})
     app[FORWARDER] = forwarder
     app.cleanup_ctx.append(_client_session(settings, forwarder))
+    if supervisor is not None:
+        app[SUPERVISOR] = supervisor
+        forwarder.unavailable = supervisor.unavailable
+        app.cleanup_ctx.append(supervised(supervisor))
     app.router.add_get("/memory-routing/info", info_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
 
 
-def _client_session(settings: Settings, forwarder: Forwarder):  # type: ignore[no-untyped-def]
+def _client_session(
+    settings: Settings, forwarder: Forwarder
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The one upstream ClientSession, open for the application's whole life."""
+
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         timeouts = settings.timeouts
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)

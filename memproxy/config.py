@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -191,14 +191,8 @@ def load_settings(
         key = "--litellm-url" if litellm_url else "LITELLM_BASE_URL"
         overrides["litellm_url"] = _check_url(key, url)
     if overrides:
-        settings = _replace(settings, **overrides)
+        settings = replace(settings, **overrides)
     return settings
-
-
-def _replace(settings: Settings, **changes: Any) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, **changes)
 
 
 def _read_yaml(file: Path) -> Mapping[str, Any]:
@@ -336,16 +330,16 @@ def _model_names(model_list: Any) -> list[str]:
         return []
     names: list[str] = []
     for entry in model_list:
-        if isinstance(entry, Mapping) and isinstance(entry.get("model_name"), str):
-            if entry["model_name"] not in names:
-                names.append(entry["model_name"])
+        name = entry.get("model_name") if isinstance(entry, Mapping) else None
+        if isinstance(name, str) and name not in names:
+            names.append(name)
     return names
 
 
 # -- field validators -----------------------------------------------------------------
 
 
-def _env(value: Any, key: str = "") -> Any:
+def _env(value: Any) -> Any:
     """Resolve LiteLLM-style ``os.environ/NAME`` references; unset gives ``None``."""
     if isinstance(value, str) and value.startswith(ENV_PREFIX):
         return os.environ.get(value[len(ENV_PREFIX):]) or None

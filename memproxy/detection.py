@@ -22,8 +22,8 @@ from multidict import CIMultiDictProxy
 from memproxy import hookspecs
 from memproxy.config import ConfigError, Settings
 from memproxy.hookspecs import (
-    Detection,
     DetectFunction,
+    Detection,
     DetectorContext,
     DetectorSpec,
     InvalidUserId,

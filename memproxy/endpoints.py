@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 from aiohttp import web
 
@@ -11,6 +9,7 @@ from memproxy import __version__
 from memproxy.detection import RejectedRequest
 from memproxy.errors import dialect_of, error_response
 from memproxy.forwarding import Forwarder
+from memproxy.supervisor import LiteLLMSupervisor
 
 LIVELINESS_PATH = "/health/liveliness"
 HEALTH_TIMEOUT = 2.0
@@ -50,20 +49,28 @@ async def litellm_alive(forwarder: Forwarder) -> tuple[bool, str]:
             if response.status == 200:
                 return True, "ok"
             return False, f"{LIVELINESS_PATH} answered {response.status}"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return False, f"unreachable ({type(exc).__name__})"
 
 
 async def health_handler(request: web.Request) -> web.Response:
     forwarder = request.app[FORWARDER]
-    ok, detail = await litellm_alive(forwarder)
+    supervisor = request.app.get(SUPERVISOR)
+    litellm: dict[str, object] = {"url": forwarder.upstream}
+    if supervisor is not None and not supervisor.ready:
+        ok, detail = False, "restarting"
+    else:
+        ok, detail = await litellm_alive(forwarder)
+    if supervisor is not None:
+        litellm.update(supervised=True, pid=supervisor.pid, restarts=supervisor.restarts)
+    litellm.update(status="ok" if ok else "unavailable", detail=detail)
     body = {
         "status": "ok" if ok else "degraded",
         "memproxy": {"status": "ok", "version": __version__},
-        "litellm": {"status": "ok" if ok else "unavailable", "url": forwarder.upstream,
-                    "detail": detail},
+        "litellm": litellm,
     }
     return web.json_response(body, status=200 if ok else 503)
 
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
+SUPERVISOR = web.AppKey("supervisor", LiteLLMSupervisor)

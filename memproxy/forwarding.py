@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -38,6 +38,7 @@ SMALL_BODY = 1024 * 1024
 USER_ID_RESPONSE_HEADER = "x-memproxy-user-id"
 DETECTOR_RESPONSE_HEADER = "x-memproxy-detector"
 SUPERMEMORY_KEY_HEADER = "x-supermemory-api-key"
+RETRY_AFTER_SECONDS = "2"
 LITELLM_END_USER_HEADER = "x-litellm-end-user-id"
 
 
@@ -134,6 +135,9 @@ class Forwarder:
         self.injected = InjectedHeaders.from_settings(settings)
         self._drop = self.injected.request_drop
         self.session: aiohttp.ClientSession | None = None
+        #: Set when memproxy runs LiteLLM itself: says why LiteLLM cannot take
+        #: requests right now, so clients get a quick 503 instead of a hang.
+        self.unavailable: Callable[[], str | None] | None = None
 
     def decide(self, headers: CIMultiDictProxy[str]) -> Decision:
         return self.chain.detect_user(headers)
@@ -171,6 +175,12 @@ class Forwarder:
             return error_response(dialect, 400, str(exc), "invalid_user_id")
         line["user_id"] = decision.user_id
         line["detector"] = decision.detector
+
+        if self.unavailable is not None and (why := self.unavailable()) is not None:
+            line["error"] = why
+            return error_response(dialect, 503, f"{why}; retry in a few seconds",
+                                  "upstream_unavailable",
+                                  headers={hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
 
         length = request.content_length
         if length is not None and length > self.max_body_size:
@@ -272,9 +282,8 @@ class Forwarder:
             del headers[hdrs.CONTENT_LENGTH]
             line["bytes_out"] = len(body)
             line["streamed"] = False
-            response = web.Response(status=upstream.status, reason=upstream.reason,
-                                    body=body, headers=headers)
-            return response
+            return web.Response(status=upstream.status, reason=upstream.reason,
+                                body=body, headers=headers)
 
         if is_event_stream:
             headers["X-Accel-Buffering"] = "no"

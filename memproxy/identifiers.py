@@ -11,7 +11,7 @@ import re
 
 MAX_ID_LENGTH = 128
 ID_CHARACTERS = "letters, digits and . _ - : @ +"
-_VALID_ID = re.compile(r"[A-Za-z0-9._:@+\-]{1,%d}" % MAX_ID_LENGTH)
+_VALID_ID = re.compile(rf"[A-Za-z0-9._:@+\-]{{1,{MAX_ID_LENGTH}}}")
 
 
 def check_id(value: str) -> str | None:

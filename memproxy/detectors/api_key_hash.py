@@ -14,7 +14,7 @@ import os
 
 from multidict import CIMultiDictProxy
 
-from memproxy import Detection, DetectFunction, DetectorContext, DetectorSpec, hookimpl
+from memproxy import DetectFunction, Detection, DetectorContext, DetectorSpec, hookimpl
 from memproxy.config import ConfigError
 from memproxy.identifiers import check_id
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDictProxy
 
-from memproxy import Detection, DetectFunction, DetectorContext, DetectorSpec, hookimpl
+from memproxy import DetectFunction, Detection, DetectorContext, DetectorSpec, hookimpl
 
 
 def build(ctx: DetectorContext) -> DetectFunction:

@@ -1,0 +1,47 @@
+"""Serve an application until SIGINT or SIGTERM, then shut down gracefully.
+
+On a signal memproxy stops accepting connections at once, lets requests and
+streams in flight finish for up to ``grace`` seconds, then runs the
+application's cleanup (closing the upstream session and stopping LiteLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("memproxy")
+
+
+async def serve_until_signalled(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    grace: float,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run ``app`` on ``host:port``; return after a signal and a graceful shutdown."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=grace)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await runner.setup()  # starts LiteLLM first when memproxy supervises it
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        log.info("memproxy_listening", url=f"http://{host}:{port}")
+        if on_ready is not None:
+            on_ready()
+        await stop.wait()
+        log.info("memproxy_stopping", grace_s=grace)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()

@@ -119,13 +119,13 @@ class FakeProvider:
     ) -> None:
         """
         reply: the assistant text of every answer.
-        chunks: how streams split it (default: word by word; should join to ``reply``).
+        chunks: how streams split the reply (default: word by word, see ``split_reply``).
         chunk_delay: seconds to wait between stream events.
         model_ids: what the model lists return.
         record_file: if set, each recorded request is appended there as a JSON line.
         """
         self.reply = reply
-        self.chunks: list[str] = list(chunks) if chunks is not None else split_reply(reply)
+        self.chunks: list[str] | None = list(chunks) if chunks is not None else None
         self.chunk_delay = chunk_delay
         self.model_ids: list[str] = list(model_ids)
         self.requests: list[RecordedRequest] = []
@@ -198,7 +198,9 @@ class FakeProvider:
     def find(self, path_suffix: str, method: str | None = None) -> list[RecordedRequest]:
         """Recorded requests whose path ends with ``path_suffix`` (and of ``method``, if given)."""
         return [
-            r for r in self.requests if r.path.endswith(path_suffix) and (method is None or r.method == method.upper())
+            r
+            for r in self.requests
+            if r.path.endswith(path_suffix) and (method is None or r.method == method.upper())
         ]
 
     def last(self, path_suffix: str = "", method: str | None = None) -> RecordedRequest:
@@ -208,6 +210,19 @@ class FakeProvider:
             seen = [f"{r.method} {r.path}" for r in self.requests]
             raise AssertionError(f"no request to *{path_suffix} recorded; seen: {seen}")
         return found[-1]
+
+    async def wait_for(
+        self, path_suffix: str, count: int = 1, timeout: float = 5.0
+    ) -> list[RecordedRequest]:
+        """Wait until at least ``count`` requests match ``path_suffix``; returns them all."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(found := self.find(path_suffix)) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(
+                    f"{len(found)} request(s) to *{path_suffix} after {timeout}s, wanted {count}"
+                )
+            await asyncio.sleep(0.01)
+        return found
 
     def _record(self, recorded: RecordedRequest) -> None:
         self.requests.append(recorded)
@@ -284,6 +299,10 @@ class FakeProvider:
         if self.chunk_delay > 0:
             await asyncio.sleep(self.chunk_delay)
 
+    def stream_pieces(self) -> list[str]:
+        """The text pieces a stream sends: ``chunks``, or else ``reply`` split word by word."""
+        return list(self.chunks) if self.chunks is not None else split_reply(self.reply)
+
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids):06d}"
 
@@ -313,7 +332,12 @@ class FakeProvider:
             {
                 "object": "list",
                 "data": [
-                    {"id": model_id, "object": "model", "created": created, "owned_by": "fake-provider"}
+                    {
+                        "id": model_id,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "fake-provider",
+                    }
                     for model_id in self.model_ids
                 ],
             }
@@ -361,7 +385,9 @@ class FakeProvider:
             "system_fingerprint": "fp_fake",
         }
 
-    async def _chat_stream(self, request: web.BaseRequest, payload: dict[str, Any]) -> web.StreamResponse:
+    async def _chat_stream(
+        self, request: web.BaseRequest, payload: dict[str, Any]
+    ) -> web.StreamResponse:
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         base = {
             "id": self._next_id("chatcmpl-fake"),
@@ -375,21 +401,27 @@ class FakeProvider:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
             out: dict[str, Any] = {
                 **base,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                ],
             }
             if include_usage:
                 out["usage"] = None
             return out
 
         response = await self._open_stream(request)
-        await response.write(_sse_data(chunk({"role": "assistant", "content": "", "refusal": None})))
-        for piece in self.chunks:
+        await response.write(
+            _sse_data(chunk({"role": "assistant", "content": "", "refusal": None}))
+        )
+        for piece in self.stream_pieces():
             await self._pause()
             await response.write(_sse_data(chunk({"content": piece})))
         await self._pause()
         await response.write(_sse_data(chunk({}, "stop")))
         if include_usage:
-            await response.write(_sse_data({**base, "choices": [], "usage": self._chat_usage(payload)}))
+            await response.write(
+                _sse_data({**base, "choices": [], "usage": self._chat_usage(payload)})
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -398,14 +430,20 @@ class FakeProvider:
 
     def _embeddings(self, payload: dict[str, Any]) -> dict[str, Any]:
         raw = payload.get("input", "")
-        inputs: list[Any] = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+        inputs: list[Any] = (
+            raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+        )
         as_base64 = payload.get("encoding_format") == "base64"
         data = []
         for index, item in enumerate(inputs):
             seed = sum(json.dumps(item).encode()) % 97
-            vector = [round(((seed + 7 * i) % 19) / 19.0 - 0.5, 6) for i in range(EMBEDDING_DIMENSIONS)]
+            vector = [
+                round(((seed + 7 * i) % 19) / 19.0 - 0.5, 6) for i in range(EMBEDDING_DIMENSIONS)
+            ]
             embedding: Any = (
-                base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+                base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+                if as_base64
+                else vector
             )
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         tokens = _approx_tokens(raw)
@@ -439,7 +477,9 @@ class FakeProvider:
     ) -> dict[str, Any]:
         output: list[dict[str, Any]] = []
         if text is not None:
-            output.append(self._response_message(message_id or self._next_id("msg_fake"), text, "completed"))
+            output.append(
+                self._response_message(message_id or self._next_id("msg_fake"), text, "completed")
+            )
         return {
             "id": response_id or self._next_id("resp_fake"),
             "object": "response",
@@ -473,17 +513,23 @@ class FakeProvider:
             "id": message_id,
             "status": status,
             "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else [],
+            "content": [{"type": "output_text", "text": text, "annotations": []}]
+            if status == "completed"
+            else [],
         }
 
-    async def _responses_stream(self, request: web.BaseRequest, payload: dict[str, Any]) -> web.StreamResponse:
+    async def _responses_stream(
+        self, request: web.BaseRequest, payload: dict[str, Any]
+    ) -> web.StreamResponse:
         response_id = self._next_id("resp_fake")
         message_id = self._next_id("msg_fake")
         sequence = itertools.count(0)
         response = await self._open_stream(request)
 
         async def send(name: str, data: dict[str, Any]) -> None:
-            await response.write(_sse_event(name, {"type": name, "sequence_number": next(sequence), **data}))
+            await response.write(
+                _sse_event(name, {"type": name, "sequence_number": next(sequence), **data})
+            )
 
         in_progress = self._response_object(payload, None, "in_progress", response_id)
         await send("response.created", {"response": in_progress})
@@ -501,17 +547,29 @@ class FakeProvider:
                 "part": {"type": "output_text", "text": "", "annotations": []},
             },
         )
-        for piece in self.chunks:
+        for piece in self.stream_pieces():
             await self._pause()
             await send(
                 "response.output_text.delta",
-                {"item_id": message_id, "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []},
+                {
+                    "item_id": message_id,
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": piece,
+                    "logprobs": [],
+                },
             )
         await self._pause()
-        text = "".join(self.chunks)
+        text = "".join(self.stream_pieces())
         await send(
             "response.output_text.done",
-            {"item_id": message_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []},
+            {
+                "item_id": message_id,
+                "output_index": 0,
+                "content_index": 0,
+                "text": text,
+                "logprobs": [],
+            },
         )
         await send(
             "response.content_part.done",
@@ -557,7 +615,9 @@ class FakeProvider:
             "usage": self._anthropic_usage(payload, _approx_tokens(self.reply)),
         }
 
-    async def _anthropic_stream(self, request: web.BaseRequest, payload: dict[str, Any]) -> web.StreamResponse:
+    async def _anthropic_stream(
+        self, request: web.BaseRequest, payload: dict[str, Any]
+    ) -> web.StreamResponse:
         response = await self._open_stream(request)
         message = {
             "id": self._next_id("msg_fake"),
@@ -569,31 +629,43 @@ class FakeProvider:
             "stop_sequence": None,
             "usage": self._anthropic_usage(payload, 1),
         }
-        await response.write(_sse_event("message_start", {"type": "message_start", "message": message}))
+        await response.write(
+            _sse_event("message_start", {"type": "message_start", "message": message})
+        )
         await response.write(
             _sse_event(
                 "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
             )
         )
         await response.write(_sse_event("ping", {"type": "ping"}))
-        for piece in self.chunks:
+        for piece in self.stream_pieces():
             await self._pause()
             await response.write(
                 _sse_event(
                     "content_block_delta",
-                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": piece},
+                    },
                 )
             )
         await self._pause()
-        await response.write(_sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        await response.write(
+            _sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        )
         await response.write(
             _sse_event(
                 "message_delta",
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": _approx_tokens("".join(self.chunks))},
+                    "usage": {"output_tokens": _approx_tokens("".join(self.stream_pieces()))},
                 },
             )
         )
@@ -622,10 +694,16 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fake OpenAI/Anthropic provider for tests.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (see the READY line)")
-    parser.add_argument("--record", metavar="FILE", help="append recorded requests here as JSON lines")
+    parser.add_argument(
+        "--port", type=int, default=0, help="0 picks a free port (see the READY line)"
+    )
+    parser.add_argument(
+        "--record", metavar="FILE", help="append recorded requests here as JSON lines"
+    )
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="assistant text of every answer")
-    parser.add_argument("--delay", type=float, default=DEFAULT_CHUNK_DELAY, help="seconds between stream events")
+    parser.add_argument(
+        "--delay", type=float, default=DEFAULT_CHUNK_DELAY, help="seconds between stream events"
+    )
     asyncio.run(_serve(parser.parse_args(argv)))
 
 

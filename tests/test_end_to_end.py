@@ -1,0 +1,379 @@
+"""The whole chain, for real: SDK clients -> memproxy start -> the real LiteLLM -> a fake provider.
+
+``memproxy start`` runs as a separate process, so its supervisor spawns the real
+``litellm`` binary. The only stand-in is the LLM provider (tests/fake_provider.py),
+which records every request it gets; the assertions are about what it recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+import httpx
+
+from memproxy.supervisor import find_litellm
+
+ROOT = Path(__file__).resolve().parent.parent
+HASH_SECRET = "e2e-hash-secret-0123456789abcdef"
+SM_KEY = "sm-e2e-supermemory-key"
+CLAUDE_CODE_UA = "claude-cli/2.1.197 (external, cli)"
+JAVA_UA = "OpenAIClientImpl/Java"
+START_TIMEOUT = 150.0
+
+try:
+    find_litellm()
+except Exception:  # pragma: no cover - only without the litellm extra
+    pytest.skip("litellm is not installed (pip install -e '.[litellm]')", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Provider:
+    """The fake provider process and what it recorded."""
+
+    process: subprocess.Popen[str]
+    url: str
+    record: Path
+    seen: int = 0
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
+
+    def mark(self) -> None:
+        self.seen = len(self.records())
+
+    def new_calls(self) -> list[dict[str, Any]]:
+        """Model calls recorded since the last :meth:`mark`."""
+        calls = self.records()[self.seen:]
+        return [c for c in calls if c["path"].endswith(("/chat/completions", "/messages",
+                                                         "/responses"))]
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
+    record = tmp_path_factory.mktemp("provider") / "requests.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_provider.py"), "--port", "0",
+         "--record", str(record), "--delay", "0.02"],
+        stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("READY "), line
+    yield Provider(process, line.split()[1], record)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@dataclass
+class Chain:
+    """memproxy start, running LiteLLM, in front of the fake provider."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    key: str
+    log: Path
+    killed: bool = field(default=False)
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/health", timeout=5).json())
+
+    def litellm_pid(self) -> int:
+        return int(self.health()["litellm"]["pid"])
+
+    def openai(self, user_agent: str | None = None) -> openai.OpenAI:
+        headers = {"User-Agent": user_agent} if user_agent else {}
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0,
+                             default_headers=headers)
+
+    def anthropic(self, user_agent: str | None = None) -> anthropic.Anthropic:
+        headers = {"User-Agent": user_agent} if user_agent else {}
+        return anthropic.Anthropic(base_url=self.url, api_key=self.key, max_retries=0,
+                                   default_headers=headers)
+
+
+def config_text(provider: Provider, *, api_key_hash: bool) -> str:
+    return f"""
+model_list:
+  - model_name: gpt-fake
+    litellm_params: {{model: openai/gpt-fake, api_base: "{provider.url}/v1", api_key: sk-prov}}
+  - model_name: claude-fake
+    litellm_params:
+      model: anthropic/claude-fake
+      api_base: "{provider.url}/v3/api.anthropic.com"
+      api_key: sk-ant-prov
+general_settings:
+  forward_client_headers_to_llm_api: true
+user_id_mappings:
+  header_patterns:
+    - {{header: user-agent, pattern: '^claude-cli/', user_id: claude-code}}
+    - {{header: user-agent, pattern: '^OpenAIClient(Async)?Impl/Java', user_id: jetbrains}}
+memproxy:
+  detectors:
+    api_key_hash: {{enabled: {str(api_key_hash).lower()}, options: {{secret: "{HASH_SECRET}"}}}}
+"""
+
+
+def start_chain(tmp: Path, provider: Provider, *, api_key_hash: bool,
+                env: dict[str, str]) -> Chain:
+    config = tmp / "config.yaml"
+    config.write_text(config_text(provider, api_key_hash=api_key_hash))
+    port = free_port()
+    key = "sk-e2e-" + secrets.token_hex(16)
+    log = tmp / "memproxy.log"
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("SUPERMEMORY_API_KEY", "LITELLM_CONFIG", "LITELLM_BASE_URL")}
+    full_env.update(env, LITELLM_MASTER_KEY=key)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "memproxy", "start", "--config", str(config),
+             "--litellm-port", str(free_port()), "--memoryproxy-port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)
+    chain = Chain(process, f"http://127.0.0.1:{port}", key, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"memproxy start exited {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(chain.url + "/health", timeout=2).status_code == 200:
+                return chain
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_chain(chain)
+    pytest.fail(f"memproxy start was not ready in {START_TIMEOUT} s:\n{log.read_text()}")
+
+
+def stop_chain(chain: Chain) -> None:
+    if chain.process.poll() is None:
+        chain.process.send_signal(signal.SIGTERM)
+        try:
+            chain.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            chain.process.kill()
+            chain.process.wait()
+
+
+@pytest.fixture(scope="module")
+def with_memory(tmp_path_factory: pytest.TempPathFactory, provider: Provider) -> Iterator[Chain]:
+    """The key hash on and a Supermemory key set."""
+    chain = start_chain(tmp_path_factory.mktemp("with_memory"), provider, api_key_hash=True,
+                        env={"SUPERMEMORY_API_KEY": SM_KEY})
+    yield chain
+    stop_chain(chain)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, provider: Provider) -> Iterator[Chain]:
+    """No key hash, no Supermemory key: unrecognised clients get the default."""
+    chain = start_chain(tmp_path_factory.mktemp("plain"), provider, api_key_hash=False, env={})
+    yield chain
+    stop_chain(chain)
+
+
+# -- the calls a client can make --------------------------------------------------------
+
+Call = Callable[[Chain, str | None, dict[str, str]], int]
+
+
+def chat(model: str, stream: bool) -> Call:
+    def call(chain: Chain, user_agent: str | None, headers: dict[str, str]) -> int:
+        client = chain.openai(user_agent)
+        messages: Any = [{"role": "user", "content": "hello"}]
+        if not stream:
+            reply = client.chat.completions.create(model=model, messages=messages,
+                                                   extra_headers=headers)
+            assert reply.choices[0].message.content == "Hello from the fake provider."
+            return 1
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model, messages=messages, stream=True, extra_headers=headers) if c.choices]
+        assert "".join(pieces) == "Hello from the fake provider."
+        return len([p for p in pieces if p])
+    return call
+
+
+def messages(stream: bool) -> Call:
+    def call(chain: Chain, user_agent: str | None, headers: dict[str, str]) -> int:
+        client = chain.anthropic(user_agent)
+        kwargs: Any = {"model": "claude-fake", "max_tokens": 50,
+                       "messages": [{"role": "user", "content": "hello"}],
+                       "extra_headers": headers}
+        if not stream:
+            reply = client.messages.create(**kwargs)
+            assert reply.content[0].text == "Hello from the fake provider."  # type: ignore[union-attr]
+            return 1
+        deltas = []
+        with client.messages.stream(**kwargs) as events:
+            for event in events:
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    deltas.append(event.delta.text)
+        assert "".join(deltas) == "Hello from the fake provider."
+        return len(deltas)
+    return call
+
+
+CALLS = {
+    "chat-openai-model": chat("gpt-fake", False),
+    "chat-openai-model-stream": chat("gpt-fake", True),
+    "chat-anthropic-model": chat("claude-fake", False),
+    "chat-anthropic-model-stream": chat("claude-fake", True),
+    "messages": messages(False),
+    "messages-stream": messages(True),
+}
+
+
+def one_call(provider: Provider, chain: Chain, call: Call, user_agent: str | None,
+             headers: dict[str, str]) -> dict[str, Any]:
+    provider.mark()
+    call(chain, user_agent, headers)
+    calls = provider.new_calls()
+    assert len(calls) == 1, [c["path"] for c in calls]
+    return dict(calls[0]["headers"])
+
+
+def key_hash(key: str) -> str:
+    return "key-" + hmac.new(HASH_SECRET.encode(), key.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_each_detection_path_reaches_the_provider(
+    name: str, provider: Provider, with_memory: Chain
+) -> None:
+    call = CALLS[name]
+    cases: list[tuple[str | None, dict[str, str], str]] = [
+        (None, {"x-memory-user-id": "alice"}, "alice"),
+        (CLAUDE_CODE_UA, {}, "claude-code"),
+        (JAVA_UA, {}, "jetbrains"),
+        (None, {}, key_hash(with_memory.key)),
+        (None, {"x-sm-user-id": "mallory"}, key_hash(with_memory.key)),
+    ]
+    for user_agent, headers, expected in cases:
+        seen = one_call(provider, with_memory, call, user_agent, headers)
+        assert seen.get("x-sm-user-id") == expected, (user_agent, headers)
+        assert "x-memory-user-id" not in seen
+        assert seen.get("x-supermemory-api-key") == SM_KEY
+
+
+@pytest.mark.parametrize("name", ["chat-openai-model", "messages-stream"])
+def test_unrecognised_client_lands_in_default_without_a_supermemory_key(
+    name: str, provider: Provider, plain: Chain
+) -> None:
+    seen = one_call(provider, plain, CALLS[name], None, {"x-supermemory-api-key": "client-key"})
+    assert seen.get("x-sm-user-id") == "default"
+    assert "x-supermemory-api-key" not in seen
+
+
+def test_anthropic_model_is_called_through_the_supermemory_router_path(
+    provider: Provider, with_memory: Chain
+) -> None:
+    provider.mark()
+    CALLS["messages"](with_memory, CLAUDE_CODE_UA, {})
+    CALLS["chat-anthropic-model"](with_memory, None, {})
+    assert [c["path"] for c in provider.new_calls()] == [
+        "/v3/api.anthropic.com/v1/messages", "/v3/api.anthropic.com/v1/messages"]
+
+
+@pytest.mark.parametrize("name", ["chat-openai-model-stream", "chat-anthropic-model-stream",
+                                  "messages-stream"])
+def test_streamed_answers_reach_the_sdk_in_several_chunks(
+    name: str, with_memory: Chain
+) -> None:
+    assert CALLS[name](with_memory, None, {}) >= 3
+
+
+def test_claude_code_session_becomes_the_conversation_id(
+    provider: Provider, with_memory: Chain
+) -> None:
+    seen = one_call(provider, with_memory, CALLS["messages-stream"], CLAUDE_CODE_UA,
+                    {"X-Claude-Code-Session-Id": "5d1e-session"})
+    assert seen.get("x-sm-conversation-id") == "5d1e-session"
+
+
+def test_litellm_that_dies_is_restarted_and_clients_get_quick_503s_meanwhile(
+    provider: Provider, plain: Chain
+) -> None:
+    old_pid = plain.litellm_pid()
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    status = 200
+    while time.monotonic() < deadline and status != 503:
+        started = time.monotonic()
+        resp = httpx.post(plain.url + "/v1/chat/completions", json={}, timeout=10,
+                             headers={"Authorization": f"Bearer {plain.key}"})
+        status = resp.status_code
+        time.sleep(0.05)
+    assert status == 503
+    assert time.monotonic() - started < 1.0
+    assert resp.headers["Retry-After"] == "2"
+    assert resp.json()["error"]["code"] == "upstream_unavailable"
+    assert plain.health()["status"] == "degraded"
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and plain.health()["status"] != "ok":
+        time.sleep(0.5)
+    health = plain.health()
+    assert health["status"] == "ok"
+    assert health["litellm"]["restarts"] == 1
+    assert health["litellm"]["pid"] != old_pid
+    seen = one_call(provider, plain, CALLS["chat-openai-model"], CLAUDE_CODE_UA, {})
+    assert seen.get("x-sm-user-id") == "claude-code"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has yet to collect it.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# These two end the module's chains, so they come last.
+
+def test_sigterm_stops_memproxy_and_litellm(with_memory: Chain) -> None:
+    litellm = with_memory.litellm_pid()
+    with_memory.process.send_signal(signal.SIGTERM)
+    assert with_memory.process.wait(timeout=40) == 0
+    assert wait_gone(litellm)
+    assert b"litellm_stopped" in with_memory.log.read_bytes()
+
+
+def test_sigkill_of_memproxy_takes_litellm_with_it(plain: Chain) -> None:
+    litellm = plain.litellm_pid()
+    plain.process.send_signal(signal.SIGKILL)
+    plain.process.wait(timeout=10)
+    assert wait_gone(litellm), "LiteLLM outlived a SIGKILLed memproxy"

@@ -29,9 +29,15 @@ async def serve_until_signalled(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=grace)
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.info("memproxy_already_stopping", grace_s=grace)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await runner.setup()  # starts LiteLLM first when memproxy supervises it
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -42,6 +48,10 @@ async def serve_until_signalled(
         await stop.wait()
         log.info("memproxy_stopping", grace_s=grace)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-        await runner.cleanup()
+        # Signal handlers stay installed until the end: a second signal must not cut
+        # the graceful shutdown short (the grace period already bounds it).
+        try:
+            await runner.cleanup()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)

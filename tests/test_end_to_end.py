@@ -377,3 +377,52 @@ def test_sigkill_of_memproxy_takes_litellm_with_it(plain: Chain) -> None:
     plain.process.send_signal(signal.SIGKILL)
     plain.process.wait(timeout=10)
     assert wait_gone(litellm), "LiteLLM outlived a SIGKILLed memproxy"
+
+
+def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> None:
+    """The README's quick start: bundled config, no keys at all, then the example client."""
+    port, litellm_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LITELLM_MASTER_KEY", "SUPERMEMORY_API_KEY", "LITELLM_CONFIG",
+                        "LITELLM_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
+    log = tmp_path / "start.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "memproxy", "start", "--litellm-port", str(litellm_port),
+             "--memoryproxy-port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while "is up." not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        banner = log.read_text()
+        key = next(word for word in banner.split() if word.startswith("sk-memproxy-"))
+        assert banner.count(key) == 2  # once as the key, once in the curl line; never logged
+        example = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "openai_sdk.py")], capture_output=True,
+            text=True, timeout=60,
+            env={**env, "MEMPROXY_URL": f"http://127.0.0.1:{port}", "MEMPROXY_KEY": key})
+        assert example.returncode == 0, example.stderr
+        assert "memory user: openai-python decided by header_patterns" in example.stdout
+        assert "Hello from memproxy-demo." in example.stdout
+        assert "streamed: Hello from memproxy-demo." in example.stdout
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=40)
+    assert process.returncode == 0
+
+
+def test_litellm_that_cannot_start_is_reported_with_its_last_output(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("model_list: []\ngeneral_settings:\n  master_key: sk-1234\n")
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_MASTER_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "memproxy", "start", "--config", str(config),
+         "--litellm-port", str(free_port()), "--memoryproxy-port", str(free_port())],
+        capture_output=True, text=True, timeout=START_TIMEOUT, env=env)
+    assert result.returncode == 1
+    assert "cannot start LiteLLM: LiteLLM exited with status" in result.stderr
+    assert "LiteLLM's last output:" in result.stderr
+    assert "master key" in result.stderr.lower()
+    assert "Traceback" not in result.stderr.split("LiteLLM's last output:")[0]

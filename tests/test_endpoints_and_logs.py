@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -168,6 +169,38 @@ async def test_serve_command_forwards_and_logs_json(
     request_line = next(r for r in records if r["event"] == "request")
     assert request_line["user_id"] == "curl"
     assert SM_KEY not in out + err
+
+
+async def test_sigterm_lets_open_streams_finish_and_refuses_new_connections(
+    fake_litellm: FakeLiteLLM, tmp_path: Path
+) -> None:
+    port = unused_port()
+    (tmp_path / "empty.yaml").write_text("")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memproxy", "serve", "--port", str(port), "--litellm-url",
+         fake_litellm.url, "--config", str(tmp_path / "empty.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/sse?n=20&gap=0.05",
+                                    data=b"{}") as resp:
+                first = await resp.content.readline()
+                assert first.startswith(b"data:")
+                process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with aiohttp.ClientSession() as other:
+                        await other.get(f"http://127.0.0.1:{port}/health")
+                rest = await resp.read()
+        assert rest.count(b"data: {") == 19
+        assert rest.endswith(b"data: [DONE]\n\n")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert "memproxy_stopping" in out
 
 
 def test_explain_says_who_decided_and_why() -> None:

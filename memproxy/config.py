@@ -359,14 +359,18 @@ def _section(
     value = raw.get(name)
     if value is None:
         return {}
+    return _mapping(f"{prefix}{name}", value, allowed, "a mapping of keys",
+                    f"indent the keys of {name}: under it")
+
+
+def _mapping(where: str, value: Any, allowed: set[str], expected: str,
+             fix: str = "") -> Mapping[str, Any]:
+    """``value`` as a mapping whose keys are all in ``allowed``, or a ConfigError."""
     if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"{prefix}{name}", f"must be a mapping of keys, got {_kind(value)}",
-            f"indent the keys of {name}: under it",
-        )
+        raise ConfigError(where, f"must be {expected}, got {_kind(value)}", fix)
     for key in value:
         if key not in allowed:
-            raise _unknown_key_error(f"{prefix}{name}.", key, allowed)
+            raise _unknown_key_error(f"{where}.", key, allowed)
     return value
 
 
@@ -469,12 +473,7 @@ def _patterns(value: Any) -> tuple[HeaderPattern, ...]:
     compiled = []
     for index, entry in enumerate(value):
         where = f"{key}[{index}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(where, f"must be a mapping with header, pattern and user_id, "
-                                     f"got {_kind(entry)}")
-        for name in entry:
-            if name not in _PATTERN_KEYS:
-                raise _unknown_key_error(f"{where}.", name, _PATTERN_KEYS)
+        entry = _mapping(where, entry, _PATTERN_KEYS, "a mapping with header, pattern and user_id")
         for name in ("pattern", "user_id"):
             if name not in entry:
                 raise ConfigError(f"{where}.{name}", "is missing",
@@ -510,12 +509,7 @@ def _detectors(value: Any) -> Mapping[str, DetectorSettings]:
             entry = {}
         if entry is False:
             entry = {"enabled": False}
-        if not isinstance(entry, Mapping):
-            raise ConfigError(where, f"must be a mapping (priority, enabled, options), "
-                                     f"got {_kind(entry)}")
-        for k in entry:
-            if k not in _DETECTOR_KEYS:
-                raise _unknown_key_error(f"{where}.", k, _DETECTOR_KEYS)
+        entry = _mapping(where, entry, _DETECTOR_KEYS, "a mapping (priority, enabled, options)")
         priority = _env(entry.get("priority"))
         if isinstance(priority, str) and priority.lstrip("-").isdigit():
             priority = int(priority)

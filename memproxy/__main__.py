@@ -34,6 +34,7 @@ from memproxy.forwarding import InjectedHeaders
 from memproxy.logs import configure_logging
 from memproxy.runner import serve_until_signalled
 from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
+from memproxy.workers import WORKER_ENV, run_worker_pool
 
 EXIT_USAGE = 2
 GRACE_SECONDS = 30.0
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--litellm-url",
                        help=f"LiteLLM's base URL (default: $LITELLM_BASE_URL, then "
                             f"memproxy.litellm_url, then {DEFAULT_LITELLM_URL})")
+    serve.add_argument("--workers", "-w", type=int, default=1,
+                       help="processes sharing the port (SO_REUSEPORT); one per core at most "
+                            "(default: 1)")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     start = commands.add_parser(
         "start", help="run LiteLLM and memproxy in front of it (the whole chain)",
@@ -141,20 +146,37 @@ def serve(args: argparse.Namespace) -> int:
     settings, chain = _load(args, host=args.host, port=args.port, litellm_url=args.litellm_url)
     configure_logging(settings.log_format, settings.log_level)
     log = structlog.get_logger("memproxy")
-    for warning in lint(settings):
-        log.warning("config_warning", message=warning)
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be 1 or more, got {args.workers}")
+    if args.workers > 1:
+        if settings.port == 0:
+            raise ConfigError("--port", "several workers need a fixed port, not 0")
+        for warning in lint(settings):
+            log.warning("config_warning", message=warning)
+        worker_argv = ["serve", "--host", settings.host, "--port", str(settings.port),
+                       "--litellm-url", settings.litellm_url, "--reuse-port"]
+        if settings.path is not None:
+            worker_argv += ["--config", str(settings.path)]
+        log.info("memproxy_workers", workers=args.workers,
+                 listen=f"{settings.host}:{settings.port}")
+        return run_worker_pool(worker_argv, args.workers, grace=GRACE_SECONDS)
+    if WORKER_ENV in os.environ:
+        structlog.contextvars.bind_contextvars(worker=int(os.environ[WORKER_ENV]))
+    elif args.reuse_port is False:
+        for warning in lint(settings):
+            log.warning("config_warning", message=warning)
     log.info("memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
              litellm_url=settings.litellm_url, config=str(settings.path or "(none)"),
              detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
     app = create_app(settings, chain=chain)
-    return _run(app, settings, GRACE_SECONDS)
+    return _run(app, settings, GRACE_SECONDS, reuse_port=args.reuse_port)
 
 
 def _run(app: web.Application, settings: Settings, grace: float,
-         on_ready: Callable[[], None] | None = None) -> int:
+         on_ready: Callable[[], None] | None = None, reuse_port: bool = False) -> int:
     try:
         asyncio.run(serve_until_signalled(app, settings.host, settings.port, grace=grace,
-                                          on_ready=on_ready))
+                                          on_ready=on_ready, reuse_port=reuse_port))
     except OSError as exc:
         print(f"memproxy: cannot listen on {settings.host}:{settings.port}: "
               f"{exc.strerror or exc}. Pick another port with --port.", file=sys.stderr)

@@ -24,6 +24,7 @@ async def serve_until_signalled(
     *,
     grace: float,
     on_ready: Callable[[], None] | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Run ``app`` on ``host:port``; return after a signal and a graceful shutdown."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
@@ -40,7 +41,7 @@ async def serve_until_signalled(
         loop.add_signal_handler(signum, on_signal)
     try:
         await runner.setup()  # starts LiteLLM first when memproxy supervises it
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
         await site.start()
         log.info("memproxy_listening", url=f"http://{host}:{port}")
         if on_ready is not None:

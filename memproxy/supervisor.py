@@ -50,8 +50,8 @@ def find_litellm() -> str:
     )
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """In the child: ask the kernel for SIGTERM when the parent dies."""
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """In a child, before exec: ask the kernel for SIGTERM when the parent dies."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -113,7 +113,7 @@ class LiteLLMSupervisor:
         self._process = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent,
         )
         log.info("litellm_spawned", pid=self._process.pid, port=self.port)
         self._pump = asyncio.create_task(self._pump_output(self._process))

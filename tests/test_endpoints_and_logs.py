@@ -203,6 +203,35 @@ async def test_sigterm_lets_open_streams_finish_and_refuses_new_connections(
     assert "memproxy_stopping" in out
 
 
+async def test_several_workers_share_one_port_and_stop_together(
+    fake_litellm: FakeLiteLLM, tmp_path: Path
+) -> None:
+    port = unused_port()
+    (tmp_path / "empty.yaml").write_text("")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memproxy", "serve", "--workers", "2", "--port", str(port),
+         "--litellm-url", fake_litellm.url, "--config", str(tmp_path / "empty.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port)
+        await asyncio.sleep(1.0)  # let the second worker bind too
+        for _ in range(40):
+            # A new connection each time, so the kernel can pick either worker.
+            async with aiohttp.ClientSession() as session, session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}",
+                    headers={"x-memory-user-id": "alice"}) as resp:
+                assert resp.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=40)
+    assert process.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    workers = {r.get("worker") for r in records if r["event"] == "request"}
+    assert workers == {0, 1}
+    assert len(fake_litellm.received) == 40
+    assert all(r.all("x-sm-user-id") == ["alice"] for r in fake_litellm.received)
+
+
 def test_explain_says_who_decided_and_why() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "memproxy", "explain", "--config",

@@ -1,0 +1,77 @@
+"""Several memproxy processes on one port (SO_REUSEPORT), for more than one core.
+
+One Python process uses at most one core. With ``serve --workers N`` the parent
+validates the config once, starts N worker processes that all listen on the
+same port with ``SO_REUSEPORT`` (the kernel spreads connections across them),
+passes SIGINT/SIGTERM on to them, and restarts a worker that dies. Workers die
+with the parent (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+from memproxy.supervisor import die_with_parent
+
+log = structlog.get_logger("memproxy")
+
+WORKER_ENV = "MEMPROXY_WORKER"
+
+
+def run_worker_pool(worker_argv: Sequence[str], workers: int, *, grace: float) -> int:
+    """Run ``python -m memproxy <worker_argv>`` ``workers`` times until a signal."""
+    stopping = False
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "memproxy", *worker_argv],
+            env={**os.environ, WORKER_ENV: str(index)}, preexec_fn=die_with_parent,
+        )
+        log.info("worker_started", worker=index, pid=process.pid)
+        return process
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in pool:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+
+    pool = [spawn(i) for i in range(workers)]
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping:
+            for index, process in enumerate(pool):
+                code = process.poll()
+                if code is None or stopping:
+                    continue
+                if code == 2:  # a usage error (port taken, bad config): restarting won't help
+                    log.error("worker_failed", worker=index, status=code)
+                    on_signal(signal.SIGTERM, None)
+                    break
+                log.error("worker_exited", worker=index, status=code, restart_in_s=1)
+                time.sleep(1)
+                pool[index] = spawn(index)
+            time.sleep(0.2)
+        deadline = time.monotonic() + grace + 10
+        for process in pool:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    clean = (0, -signal.SIGTERM, -signal.SIGINT)
+    return 0 if all(p.returncode in clean for p in pool) else 1

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -102,6 +103,22 @@ class HeaderSettings:
     supermemory_api_key: Secret | None = None
 
 
+TRUST_MODES = ("anyone", "networks", "secret", "never")
+UNIDENTIFIED_POLICIES = ("share", "no_memory", "refuse")
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True, slots=True)
+class ExplicitIdTrust:
+    """``memproxy.explicit_id``: who may choose a memory space with the explicit header."""
+
+    trust: str = "networks"
+    networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
+        ip_network(n) for n in LOOPBACK_NETWORKS)
+    secret_header: str = "x-memproxy-secret"
+    secret: Secret | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything memproxy needs, validated."""
@@ -117,6 +134,9 @@ class Settings:
     headers: HeaderSettings = field(default_factory=HeaderSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_size: int = 256 * 1024 * 1024
+    explicit_id: ExplicitIdTrust = field(default_factory=ExplicitIdTrust)
+    #: What to do with requests only the default detector recognised.
+    unidentified: str = "share"
     log_format: str = "auto"
     log_level: str = "info"
     #: LiteLLM's own sections of the same file, untouched (for the lint).
@@ -130,7 +150,9 @@ LITELLM_SECTIONS = ("model_list", "general_settings", "litellm_settings", "route
 
 _MEMPROXY_KEYS = {
     "host", "port", "litellm_url", "max_body_size", "timeouts", "headers", "detectors", "log",
+    "explicit_id", "unidentified",
 }
+_EXPLICIT_ID_KEYS = {"trust", "networks", "secret_header", "secret"}
 _MAPPING_KEYS = {"custom_header", "header_patterns", "default_user_id"}
 _PATTERN_KEYS = {"header", "pattern", "user_id"}
 _TIMEOUT_KEYS = {"connect", "between_chunks", "total"}
@@ -266,6 +288,10 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
         headers=_headers(_section(section, "headers", _HEADER_KEYS, prefix="memproxy.")),
         timeouts=timeouts,
         max_body_size=_size("memproxy.max_body_size", section.get("max_body_size", "256MiB")),
+        explicit_id=_explicit_id(
+            _section(section, "explicit_id", _EXPLICIT_ID_KEYS, prefix="memproxy.")),
+        unidentified=_choice("memproxy.unidentified", _env(section.get("unidentified", "share")),
+                             UNIDENTIFIED_POLICIES),
         log_format=log_format,
         log_level=log_level,
         litellm_sections={k: raw[k] for k in LITELLM_SECTIONS if k in raw},
@@ -529,6 +555,34 @@ def _detectors(value: Any) -> Mapping[str, DetectorSettings]:
             options={str(k): _env(v) for k, v in options.items()},
         )
     return result
+
+
+def _explicit_id(raw: Mapping[str, Any]) -> ExplicitIdTrust:
+    key = "memproxy.explicit_id"
+    trust = _choice(f"{key}.trust", _env(raw.get("trust", "networks")), TRUST_MODES)
+    networks_raw = raw.get("networks", list(LOOPBACK_NETWORKS))
+    if not isinstance(networks_raw, list):
+        raise ConfigError(f"{key}.networks", f"must be a list of networks, got "
+                                             f"{_kind(networks_raw)}", "e.g. [10.0.0.0/8, ::1]")
+    networks = []
+    for index, text in enumerate(networks_raw):
+        try:
+            networks.append(ip_network(str(_env(text)), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}.networks[{index}]", f"{text!r} is not an IP network",
+                              "write it as an address or CIDR, e.g. 192.168.1.0/24") from None
+    secret = _env(raw.get("secret", "os.environ/MEMPROXY_EXPLICIT_ID_SECRET"))
+    if trust == "secret" and (not isinstance(secret, str) or len(secret) < 16):
+        raise ConfigError(
+            f"{key}.secret", "trust: secret needs a shared secret of at least 16 characters",
+            "set MEMPROXY_EXPLICIT_ID_SECRET, or secret: os.environ/NAME",
+        )
+    return ExplicitIdTrust(
+        trust=trust, networks=tuple(networks),
+        secret_header=_header_name(f"{key}.secret_header",
+                                   raw.get("secret_header", "x-memproxy-secret")),
+        secret=Secret(secret) if isinstance(secret, str) and secret else None,
+    )
 
 
 def _headers(raw: Mapping[str, Any]) -> HeaderSettings:

@@ -6,9 +6,8 @@ import aiohttp
 from aiohttp import web
 
 from memproxy import __version__
-from memproxy.detection import RejectedRequest
 from memproxy.errors import dialect_of, error_response
-from memproxy.forwarding import Forwarder
+from memproxy.forwarding import Forwarder, Refusal
 from memproxy.supervisor import LiteLLMSupervisor
 
 LIVELINESS_PATH = "/health/liveliness"
@@ -17,13 +16,17 @@ HEALTH_TIMEOUT = 2.0
 
 def routing_info(forwarder: Forwarder, request: web.Request) -> dict[str, object]:
     """Where the caller's own request would land: the seed's debug document, extended."""
-    decision = forwarder.decide(request.headers)
+    decision, with_memory = forwarder.identify(request)
     return {
-        "user_id": decision.user_id,
+        "user_id": decision.user_id if with_memory else None,
         "detector": decision.detector,
-        "reason": decision.reason,
+        "reason": decision.reason if with_memory else
+        "unrecognised client: memory headers are left out (memproxy.unidentified: no_memory)",
         "detector_chain": forwarder.chain.describe(),
-        "injected_headers": forwarder.injected.describe(decision.user_id, request.headers),
+        "injected_headers": forwarder.injected.describe(decision.user_id, request.headers)
+        if with_memory else {},
+        "explicit_id_trust": forwarder.trust.trust,
+        "unidentified": forwarder.unidentified,
         "litellm_url": forwarder.upstream,
     }
 
@@ -32,9 +35,9 @@ async def info_handler(request: web.Request) -> web.Response:
     forwarder = request.app[FORWARDER]
     try:
         return web.json_response(routing_info(forwarder, request))
-    except RejectedRequest as exc:
-        return error_response(dialect_of(request.path, request.headers), 400, str(exc),
-                              "invalid_user_id")
+    except Refusal as exc:
+        return error_response(dialect_of(request.path, request.headers), exc.status, str(exc),
+                              exc.code)
 
 
 async def litellm_alive(forwarder: Forwarder) -> tuple[bool, str]:

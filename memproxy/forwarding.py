@@ -9,10 +9,12 @@ arrive. Only hop-by-hop headers and the headers memproxy owns are touched.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from ipaddress import ip_address
 
 import aiohttp
 import structlog
@@ -125,6 +127,19 @@ class InjectedHeaders:
         return shown
 
 
+class Refusal(Exception):
+    """memproxy itself refuses the request, with this status and error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# The decisions that mean "no detector recognised this client".
+UNIDENTIFIED = frozenset({"default", "none"})
+
+
 class Forwarder:
     """Relays one request to LiteLLM and its answer back; one instance per application."""
 
@@ -133,14 +148,68 @@ class Forwarder:
         self.upstream = settings.litellm_url
         self.max_body_size = settings.max_body_size
         self.injected = InjectedHeaders.from_settings(settings)
-        self._drop = self.injected.request_drop
+        self.trust = settings.explicit_id
+        self.unidentified = settings.unidentified
+        self._secret = settings.explicit_id.secret.reveal() if settings.explicit_id.secret \
+            else None
+        self._drop = self.injected.request_drop | {settings.explicit_id.secret_header}
         self.session: aiohttp.ClientSession | None = None
         #: Set when memproxy runs LiteLLM itself: says why LiteLLM cannot take
         #: requests right now, so clients get a quick 503 instead of a hang.
         self.unavailable: Callable[[], str | None] | None = None
 
-    def decide(self, headers: CIMultiDictProxy[str]) -> Decision:
-        return self.chain.detect_user(headers)
+    def explicit_id_allowed(self, request: web.BaseRequest) -> bool:
+        """Whether this client may choose its memory space with the explicit header."""
+        mode = self.trust.trust
+        if mode == "anyone":
+            return True
+        if mode == "secret":
+            given = request.headers.get(self.trust.secret_header, "")
+            return self._secret is not None and hmac.compare_digest(
+                given.encode("utf-8", "surrogateescape"), self._secret.encode())
+        if mode == "networks" and request.remote:
+            try:
+                address = ip_address(request.remote.partition("%")[0])
+            except ValueError:
+                return False
+            return any(address in network for network in self.trust.networks)
+        return False
+
+    def identify(self, request: web.BaseRequest) -> tuple[Decision, bool]:
+        """Whose memory the request belongs to, and whether to send memory headers at all.
+
+        Raises :class:`Refusal` for an explicit id the client may not set or
+        cannot use, and for unrecognised clients when the policy is ``refuse``.
+        """
+        headers = request.headers
+        custom = self.injected.custom_header
+        if custom in headers and not self.explicit_id_allowed(request):
+            raise Refusal(403, "explicit_id_not_allowed",
+                          f"this client may not choose its memory space with {custom} "
+                          f"(memproxy.explicit_id.trust is {self.trust.trust}); leave the "
+                          f"header out, or ask the operator to allow it")
+        try:
+            decision = self.chain.detect_user(headers)
+        except RejectedRequest as exc:
+            raise Refusal(400, "invalid_user_id", str(exc)) from None
+        if decision.detector in UNIDENTIFIED:
+            if self.unidentified == "refuse":
+                raise Refusal(403, "unidentified_client",
+                              f"memproxy could not tell which client this is, and this proxy "
+                              f"refuses unrecognised clients; send {custom}, or ask the "
+                              f"operator for a header_patterns rule")
+            if self.unidentified == "no_memory":
+                return decision, False
+        return decision, True
+
+    def upstream_headers(
+        self, headers_in: CIMultiDictProxy[str], user_id: str | None
+    ) -> CIMultiDict[str]:
+        """The headers LiteLLM gets: the client's, cleaned, plus the memory headers."""
+        headers = strip_hop_by_hop(headers_in, self._drop)
+        if user_id is not None:
+            self.injected.apply(headers, user_id)
+        return headers
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -167,13 +236,12 @@ class Forwarder:
     async def _forward(
         self, request: web.Request, dialect: Dialect, line: dict[str, object]
     ) -> web.StreamResponse:
-        headers_in = request.headers
         try:
-            decision = self.chain.detect_user(headers_in)
-        except RejectedRequest as exc:
-            line.update(detector=exc.detector, error="invalid user id")
-            return error_response(dialect, 400, str(exc), "invalid_user_id")
-        line["user_id"] = decision.user_id
+            decision, with_memory = self.identify(request)
+        except Refusal as exc:
+            line["error"] = exc.code
+            return error_response(dialect, exc.status, str(exc), exc.code)
+        line["user_id"] = decision.user_id if with_memory else None
         line["detector"] = decision.detector
 
         if self.unavailable is not None and (why := self.unavailable()) is not None:
@@ -187,8 +255,8 @@ class Forwarder:
             line["error"] = "body too large"
             return self._too_large(dialect)
 
-        headers = strip_hop_by_hop(headers_in, self._drop)
-        self.injected.apply(headers, decision.user_id)
+        headers = self.upstream_headers(request.headers,
+                                        decision.user_id if with_memory else None)
 
         body: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
@@ -234,7 +302,8 @@ class Forwarder:
 
         try:
             line["upstream_ms"] = round((time.perf_counter() - upstream_started) * 1000, 3)
-            return await self._relay(request, upstream, decision, dialect, line)
+            return await self._relay(request, upstream, decision if with_memory else None,
+                                     dialect, line)
         finally:
             upstream.release()
 
@@ -259,13 +328,14 @@ class Forwarder:
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
-        decision: Decision,
+        decision: Decision | None,
         dialect: Dialect,
         line: dict[str, object],
     ) -> web.StreamResponse:
         headers = strip_hop_by_hop(upstream.headers, frozenset())
-        headers[USER_ID_RESPONSE_HEADER] = decision.user_id
-        headers[DETECTOR_RESPONSE_HEADER] = decision.detector
+        if decision is not None:
+            headers[USER_ID_RESPONSE_HEADER] = decision.user_id
+            headers[DETECTOR_RESPONSE_HEADER] = decision.detector
         line["status"] = upstream.status
         length = upstream.content_length
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")

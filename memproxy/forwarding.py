@@ -236,6 +236,13 @@ class Forwarder:
     async def _forward(
         self, request: web.Request, dialect: Dialect, line: dict[str, object]
     ) -> web.StreamResponse:
+        if not request.raw_path.startswith("/"):
+            # absolute-form ("GET http://host/") or CONNECT: memproxy only ever talks to
+            # LiteLLM, so it is not a forward proxy for anywhere else.
+            line["error"] = "not an origin-form request target"
+            return error_response(dialect, 400, "memproxy only forwards paths to LiteLLM; "
+                                  "send requests with a path such as /v1/chat/completions",
+                                  "invalid_request_target")
         try:
             decision, with_memory = self.identify(request)
         except Refusal as exc:
@@ -346,7 +353,9 @@ class Forwarder:
             try:
                 body = await upstream.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
+                # Nothing has reached the client yet, so it can still get a clean error.
                 line["error"] = f"upstream body: {type(exc).__name__}"
+                line["status"] = 502
                 return error_response(dialect, 502, "LiteLLM failed while sending its answer",
                                       "upstream_failed")
             del headers[hdrs.CONTENT_LENGTH]

@@ -87,18 +87,39 @@ class FakeLiteLLM:
             return await self.sse(request, count=2, gap=0.01, reset=True)
         if path == "/stall":
             await asyncio.sleep(30)
+        if path == "/sse-then-stall":
+            return await self.sse(request, count=2, gap=0.01, stall=30)
+        if path == "/truncated":
+            response = web.StreamResponse(headers={"Content-Length": "1000"})
+            await response.prepare(request)
+            await response.write(b"0123456789")
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if path == "/echo-user":
+            user = request.headers.get("x-sm-user-id", "")
+            if request.query.get("stream"):
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                       "x-echo-user-id": user})
+                await response.prepare(request)
+                for _ in range(3):
+                    await response.write(f"data: {user}\n\n".encode())
+                await response.write_eof()
+                return response
+            return web.Response(text=user, headers={"x-echo-user-id": user})
         if path == "/endless":
             return await self.endless(request)
         return web.json_response({"ok": True, "path": path},
                                  headers={"x-upstream": "kept"})
 
     async def sse(self, request: web.Request, *, count: int, gap: float,
-                  reset: bool = False) -> web.StreamResponse:
+                  reset: bool = False, stall: float = 0) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(count):
             await response.write(f"data: {json.dumps({'n': i})}\n\n".encode())
             await asyncio.sleep(gap)
+        await asyncio.sleep(stall)
         if reset:
             assert request.transport is not None
             request.transport.close()

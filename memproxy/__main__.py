@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -27,9 +28,11 @@ from memproxy.config import (
     Settings,
     lint,
     load_settings,
+    parse_rule,
     resolve_config_path,
 )
 from memproxy.detection import DetectorChain, PluginError, RejectedRequest, build_detector_chain
+from memproxy.endpoints import RELOAD
 from memproxy.forwarding import InjectedHeaders
 from memproxy.logs import configure_logging
 from memproxy.runner import serve_until_signalled
@@ -90,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", "-c", help=config_help)
     explain.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                          help="a request header; repeat for several")
+    explain.add_argument("--rule", action="append", default=[], metavar="YAML",
+                         help="try a header_patterns entry (e.g. one the unmatched inbox "
+                              "suggests) before the configured ones; repeat for several")
     return parser
 
 
@@ -125,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into head, less, ...: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def start_proxies() -> int:
@@ -176,7 +185,8 @@ def _run(app: web.Application, settings: Settings, grace: float,
          on_ready: Callable[[], None] | None = None, reuse_port: bool = False) -> int:
     try:
         asyncio.run(serve_until_signalled(app, settings.host, settings.port, grace=grace,
-                                          on_ready=on_ready, reuse_port=reuse_port))
+                                          on_ready=on_ready, reuse_port=reuse_port,
+                                          on_hangup=app[RELOAD]))
     except OSError as exc:
         print(f"memproxy: cannot listen on {settings.host}:{settings.port}: "
               f"{exc.strerror or exc}. Pick another port with --port.", file=sys.stderr)
@@ -273,7 +283,13 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 def explain(args: argparse.Namespace) -> int:
-    settings, chain = _load(args)
+    settings = load_settings(args.config)
+    if args.rule:
+        rules = tuple(parse_rule(text) for text in args.rule)
+        settings = replace(settings, header_patterns=rules + settings.header_patterns)
+        for rule in rules:
+            print(f"trying rule: {rule.header} ~ {rule.pattern.pattern!r} -> {rule.user_id}")
+    chain = build_detector_chain(settings)
     headers: CIMultiDict[str] = CIMultiDict(parse_header(h) for h in args.header)
     try:
         decision = chain.detect_user(CIMultiDictProxy(headers))

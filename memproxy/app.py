@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
 
+from memproxy.activity import ActivityWindow
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain, build_detector_chain
-from memproxy.endpoints import FORWARDER, SUPERVISOR, health_handler, info_handler
+from memproxy.endpoints import (
+    FORWARDER,
+    RELOAD,
+    STARTED,
+    SUPERVISOR,
+    health_handler,
+    info_handler,
+    metrics_handler,
+    reload_handler,
+    status_json_handler,
+    status_page_handler,
+    unmatched_handler,
+)
 from memproxy.forwarding import Forwarder
+from memproxy.inbox import UnmatchedInbox
+from memproxy.metrics import Metrics
+from memproxy.reload import reload_config
 from memproxy.supervisor import LiteLLMSupervisor, supervised
 
 # Large enough for any header a real client sends; LiteLLM's own limit is similar.
@@ -36,18 +53,28 @@ def create_app(
     """
     if chain is None:
         chain = build_detector_chain(settings, extra_plugins=extra_plugins)
-    forwarder = Forwarder(settings, chain)
+    metrics = Metrics()
+    forwarder = Forwarder(settings, chain, metrics=metrics, inbox=UnmatchedInbox(),
+                          activity=ActivityWindow())
     app = web.Application(client_max_size=settings.max_body_size,
                           handler_args={"max_line_size": MAX_LINE_SIZE,
                                         "max_field_size": MAX_FIELD_SIZE})
     app[FORWARDER] = forwarder
+    app[STARTED] = time.monotonic()
+    app[RELOAD] = lambda: reload_config(forwarder, extra_plugins)
     app.cleanup_ctx.append(_client_session(settings, forwarder))
     if supervisor is not None:
         app[SUPERVISOR] = supervisor
         forwarder.unavailable = supervisor.unavailable
+        supervisor.on_restart = metrics.litellm_restarts.inc
         app.cleanup_ctx.append(supervised(supervisor))
     app.router.add_get("/memory-routing/info", info_handler)
+    app.router.add_get("/memory-routing/unmatched", unmatched_handler)
+    app.router.add_post("/memory-routing/reload", reload_handler)
+    app.router.add_get("/memory-routing/status", status_json_handler)
+    app.router.add_get("/memory-routing/", status_page_handler)
     app.router.add_get("/health", health_handler)
+    app.router.add_get("/metrics", metrics_handler)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
 

@@ -489,8 +489,8 @@ def _size(key: str, value: Any) -> int:
     )
 
 
-def _patterns(value: Any) -> tuple[HeaderPattern, ...]:
-    key = "user_id_mappings.header_patterns"
+def _patterns(value: Any, key: str = "user_id_mappings.header_patterns"
+              ) -> tuple[HeaderPattern, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -520,6 +520,21 @@ def _patterns(value: Any) -> tuple[HeaderPattern, ...]:
         compiled.append(HeaderPattern(header, pattern, _user_id(f"{where}.user_id",
                                                                  entry["user_id"])))
     return tuple(compiled)
+
+
+def parse_rule(text: str) -> HeaderPattern:
+    """One ``header_patterns`` entry given as YAML text (as the unmatched inbox suggests)."""
+    text = text.strip()
+    if text.startswith("- "):
+        text = text[2:]
+    try:
+        entry = yaml.safe_load(text)
+    except yaml.YAMLError:
+        entry = None
+    if not isinstance(entry, Mapping):
+        raise ConfigError("--rule", f"{text!r} is not a header_patterns entry",
+                          "write it as \"{header: user-agent, pattern: '^Tool/', user_id: tool}\"")
+    return _patterns([entry], key="--rule")[0]
 
 
 def _detectors(value: Any) -> Mapping[str, DetectorSettings]:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from collections.abc import Callable
+from importlib import resources
+from ipaddress import ip_address
+
 import aiohttp
 from aiohttp import web
 
 from memproxy import __version__
 from memproxy.errors import dialect_of, error_response
 from memproxy.forwarding import Forwarder, Refusal
+from memproxy.reload import ReloadResult
 from memproxy.supervisor import LiteLLMSupervisor
+from memproxy.workers import WORKER_ENV
 
 LIVELINESS_PATH = "/health/liveliness"
 HEALTH_TIMEOUT = 2.0
@@ -56,9 +65,10 @@ async def litellm_alive(forwarder: Forwarder) -> tuple[bool, str]:
         return False, f"unreachable ({type(exc).__name__})"
 
 
-async def health_handler(request: web.Request) -> web.Response:
-    forwarder = request.app[FORWARDER]
-    supervisor = request.app.get(SUPERVISOR)
+async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
+    """memproxy's state and LiteLLM's, as ``/health`` and the status page show them."""
+    forwarder = app[FORWARDER]
+    supervisor = app.get(SUPERVISOR)
     litellm: dict[str, object] = {"url": forwarder.upstream}
     if supervisor is not None and not supervisor.ready:
         ok, detail = False, "restarting"
@@ -67,13 +77,86 @@ async def health_handler(request: web.Request) -> web.Response:
     if supervisor is not None:
         litellm.update(supervised=True, pid=supervisor.pid, restarts=supervisor.restarts)
     litellm.update(status="ok" if ok else "unavailable", detail=detail)
-    body = {
+    body: dict[str, object] = {
         "status": "ok" if ok else "degraded",
-        "memproxy": {"status": "ok", "version": __version__},
+        "memproxy": {"status": "ok", "version": __version__,
+                     "uptime_s": round(time.monotonic() - app[STARTED], 1)},
         "litellm": litellm,
     }
+    return ok, body
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    ok, body = await health(request.app)
     return web.json_response(body, status=200 if ok else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.app[FORWARDER].metrics
+    if metrics is None:
+        raise web.HTTPNotFound()
+    body, content_type = metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def unmatched_handler(request: web.Request) -> web.Response:
+    inbox = request.app[FORWARDER].inbox
+    limit = int(request.query.get("limit", "50")) if request.query.get("limit", "").isdigit() \
+        else 50
+    return web.json_response({
+        "unmatched": inbox.top(limit) if inbox is not None else [],
+        "how_to_use": "paste suggested_yaml under user_id_mappings.header_patterns, test it "
+                      "with 'memproxy explain --rule ...', then reload",
+    })
+
+
+def from_loopback(request: web.Request) -> bool:
+    try:
+        return request.remote is not None and ip_address(request.remote).is_loopback
+    except ValueError:
+        return False
+
+
+async def reload_handler(request: web.Request) -> web.Response:
+    if not from_loopback(request):
+        return error_response(dialect_of(request.path, request.headers), 403,
+                              "reload is only accepted from localhost", "reload_not_allowed")
+    if WORKER_ENV in os.environ:
+        # One of several workers: the parent passes SIGHUP on to every worker.
+        os.kill(os.getppid(), signal.SIGHUP)
+        return web.json_response({"reloaded": "requested for all workers"}, status=202)
+    result = request.app[RELOAD]()
+    body = {"reloaded": result.ok, "message": result.message,
+            "detector_chain": result.detector_chain}
+    return web.json_response(body, status=200 if result.ok else 400)
+
+
+async def status_json_handler(request: web.Request) -> web.Response:
+    forwarder = request.app[FORWARDER]
+    _, state = await health(request.app)
+    state.update(
+        detector_chain=forwarder.chain.describe(),
+        default_user_id=forwarder.settings.default_user_id,
+        unidentified=forwarder.unidentified,
+        explicit_id_trust=forwarder.trust.trust,
+        requests_last_hour=forwarder.activity.totals() if forwarder.activity else {},
+        unmatched=forwarder.inbox.top(20) if forwarder.inbox else [],
+        worker=os.environ.get(WORKER_ENV),
+    )
+    return web.json_response(state)
+
+
+STATUS_PAGE = resources.files("memproxy").joinpath("status_page.html")
+
+
+async def status_page_handler(request: web.Request) -> web.Response:
+    return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html",
+                        charset="utf-8", headers={"Cache-Control": "no-store"})
 
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SUPERVISOR = web.AppKey("supervisor", LiteLLMSupervisor)
+RELOAD: web.AppKey[Callable[[], ReloadResult]] = web.AppKey("reload")
+STARTED = web.AppKey("started", float)

@@ -22,10 +22,13 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from memproxy.activity import ActivityWindow
 from memproxy.config import Settings
 from memproxy.detection import Decision, DetectorChain, RejectedRequest
 from memproxy.errors import Dialect, dialect_of, error_response, stream_error_event
 from memproxy.identifiers import is_valid_id
+from memproxy.inbox import UnmatchedInbox
+from memproxy.metrics import Metrics
 
 log = structlog.get_logger("memproxy")
 
@@ -143,20 +146,55 @@ UNIDENTIFIED = frozenset({"default", "none"})
 class Forwarder:
     """Relays one request to LiteLLM and its answer back; one instance per application."""
 
-    def __init__(self, settings: Settings, chain: DetectorChain) -> None:
-        self.chain = chain
+    def __init__(
+        self,
+        settings: Settings,
+        chain: DetectorChain,
+        *,
+        metrics: Metrics | None = None,
+        inbox: UnmatchedInbox | None = None,
+        activity: ActivityWindow | None = None,
+    ) -> None:
         self.upstream = settings.litellm_url
-        self.max_body_size = settings.max_body_size
-        self.injected = InjectedHeaders.from_settings(settings)
-        self.trust = settings.explicit_id
-        self.unidentified = settings.unidentified
-        self._secret = settings.explicit_id.secret.reveal() if settings.explicit_id.secret \
-            else None
-        self._drop = self.injected.request_drop | {settings.explicit_id.secret_header}
+        self.configure(settings, chain)
+        self.metrics = metrics
+        self.inbox = inbox
+        self.activity = activity
         self.session: aiohttp.ClientSession | None = None
         #: Set when memproxy runs LiteLLM itself: says why LiteLLM cannot take
         #: requests right now, so clients get a quick 503 instead of a hang.
         self.unavailable: Callable[[], str | None] | None = None
+
+    def configure(self, settings: Settings, chain: DetectorChain) -> None:
+        """Take up a (re)loaded config: detectors, headers, trust and limits.
+
+        No ``await`` in here, so a request sees either the old config or the
+        new one, never a mix. The LiteLLM URL, the listen address and the
+        timeouts belong to the running server and need a restart.
+        """
+        injected = InjectedHeaders.from_settings(settings)
+        secret = settings.explicit_id.secret
+        self.settings = settings
+        self.chain = chain
+        self.max_body_size = settings.max_body_size
+        self.injected = injected
+        self.trust = settings.explicit_id
+        self.unidentified = settings.unidentified
+        self._secret = secret.reveal() if secret else None
+        self._drop = injected.request_drop | {settings.explicit_id.secret_header}
+
+    def _observe(self, line: dict[str, object], headers: CIMultiDictProxy[str]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(line)
+        detector = line.get("detector")
+        if self.inbox is not None and detector in UNIDENTIFIED:
+            self.inbox.record(headers)
+        if self.activity is not None and detector is not None:
+            user_id = line.get("user_id")
+            label = (self.metrics.user_ids.label(user_id, str(detector))
+                     if self.metrics is not None and isinstance(user_id, str) else
+                     str(user_id) if user_id is not None else "none")
+            self.activity.record(label)
 
     def explicit_id_allowed(self, request: web.BaseRequest) -> bool:
         """Whether this client may choose its memory space with the explicit header."""
@@ -232,6 +270,7 @@ class Forwarder:
                 line["status"] = response.status
             line["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
             log.info("request", **line)
+            self._observe(line, request.headers)
 
     async def _forward(
         self, request: web.Request, dialect: Dialect, line: dict[str, object]
@@ -310,7 +349,7 @@ class Forwarder:
         try:
             line["upstream_ms"] = round((time.perf_counter() - upstream_started) * 1000, 3)
             return await self._relay(request, upstream, decision if with_memory else None,
-                                     dialect, line)
+                                     dialect, line, upstream_started)
         finally:
             upstream.release()
 
@@ -338,6 +377,7 @@ class Forwarder:
         decision: Decision | None,
         dialect: Dialect,
         line: dict[str, object],
+        upstream_started: float,
     ) -> web.StreamResponse:
         headers = strip_hop_by_hop(upstream.headers, frozenset())
         if decision is not None:
@@ -359,6 +399,7 @@ class Forwarder:
                 return error_response(dialect, 502, "LiteLLM failed while sending its answer",
                                       "upstream_failed")
             del headers[hdrs.CONTENT_LENGTH]
+            line["first_byte_ms"] = round((time.perf_counter() - upstream_started) * 1000, 3)
             line["bytes_out"] = len(body)
             line["streamed"] = False
             return web.Response(status=upstream.status, reason=upstream.reason,
@@ -371,8 +412,13 @@ class Forwarder:
         line["streamed"] = True
         await response.prepare(request)
         sent = 0
+        if self.metrics is not None:
+            self.metrics.streams_open.inc()
         try:
             async for chunk in upstream.content.iter_any():
+                if not sent:
+                    line["first_byte_ms"] = round(
+                        (time.perf_counter() - upstream_started) * 1000, 3)
                 await response.write(chunk)
                 sent += len(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -392,6 +438,9 @@ class Forwarder:
                 if request.transport is not None:
                     request.transport.close()
             return response
+        finally:
+            if self.metrics is not None:
+                self.metrics.streams_open.dec()
         line["bytes_out"] = sent
         await response.write_eof()
         return response

@@ -1,5 +1,7 @@
 """Serve an application until SIGINT or SIGTERM, then shut down gracefully.
 
+SIGHUP, when an ``on_hangup`` callback is given, reloads the config instead.
+
 On a signal memproxy stops accepting connections at once, lets requests and
 streams in flight finish for up to ``grace`` seconds, then runs the
 application's cleanup (closing the upstream session and stopping LiteLLM).
@@ -25,6 +27,7 @@ async def serve_until_signalled(
     grace: float,
     on_ready: Callable[[], None] | None = None,
     reuse_port: bool = False,
+    on_hangup: Callable[[], object] | None = None,
 ) -> None:
     """Run ``app`` on ``host:port``; return after a signal and a graceful shutdown."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
@@ -39,6 +42,8 @@ async def serve_until_signalled(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await runner.setup()  # starts LiteLLM first when memproxy supervises it
         site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
@@ -54,5 +59,5 @@ async def serve_until_signalled(
         try:
             await runner.cleanup()
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)

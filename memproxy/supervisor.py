@@ -85,6 +85,8 @@ class LiteLLMSupervisor:
         self.max_backoff = max_backoff
         self.executable = executable
         self.restarts = 0
+        #: Called each time LiteLLM is restarted (metrics count them).
+        self.on_restart: Callable[[], None] | None = None
         self.ready = False
         self.last_lines: deque[str] = deque(maxlen=40)
         self._process: asyncio.subprocess.Process | None = None
@@ -186,6 +188,8 @@ class LiteLLMSupervisor:
             if self._stop_requested.is_set():
                 return
             self.restarts += 1
+            if self.on_restart is not None:
+                self.on_restart()
             try:
                 await self._spawn(executable)
                 await self._wait_ready()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from types import FrameType
 
 import structlog
 
+from memproxy.metrics import prepare_multiprocess_dir, worker_exited
 from memproxy.supervisor import die_with_parent
 
 log = structlog.get_logger("memproxy")
@@ -30,6 +32,7 @@ WORKER_ENV = "MEMPROXY_WORKER"
 def run_worker_pool(worker_argv: Sequence[str], workers: int, *, grace: float) -> int:
     """Run ``python -m memproxy <worker_argv>`` ``workers`` times until a signal."""
     stopping = False
+    metrics_dir = prepare_multiprocess_dir()
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
@@ -47,8 +50,15 @@ def run_worker_pool(worker_argv: Sequence[str], workers: int, *, grace: float) -
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signum)
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        for process in pool:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
+
     pool = [spawn(i) for i in range(workers)]
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         while not stopping:
             for index, process in enumerate(pool):
@@ -60,6 +70,7 @@ def run_worker_pool(worker_argv: Sequence[str], workers: int, *, grace: float) -
                     on_signal(signal.SIGTERM, None)
                     break
                 log.error("worker_exited", worker=index, status=code, restart_in_s=1)
+                worker_exited(process.pid)
                 time.sleep(1)
                 pool[index] = spawn(index)
             time.sleep(0.2)
@@ -73,5 +84,6 @@ def run_worker_pool(worker_argv: Sequence[str], workers: int, *, grace: float) -
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     clean = (0, -signal.SIGTERM, -signal.SIGINT)
     return 0 if all(p.returncode in clean for p in pool) else 1

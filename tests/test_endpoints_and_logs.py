@@ -221,6 +221,16 @@ async def test_several_workers_share_one_port_and_stop_together(
                     f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}",
                     headers={"x-memory-user-id": "alice"}) as resp:
                 assert resp.status == 200
+        # Whichever worker answers, /metrics counts the requests of all of them.
+        totals = set()
+        for _ in range(6):
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"http://127.0.0.1:{port}/metrics") as resp:
+                text = await resp.text()
+            totals.add(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith('memproxy_requests_total{')
+                           and 'user_id="alice"' in line))
+        assert totals == {40.0}
     finally:
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=40)

@@ -35,14 +35,19 @@ def suggest_rule(fingerprint: Mapping[str, str]) -> dict[str, str] | None:
         if product:
             separator = "/" if agent[product.end():product.end() + 1] == "/" else ""
             return {"header": "user-agent",
-                    "pattern": "^" + re.escape(product.group()) + separator,
+                    "pattern": "^" + _escape(product.group()) + separator,
                     "user_id": _slug(product.group())}
     for header in ("x-app", "originator", "x-title"):
         value = fingerprint.get(header)
         if value:
-            return {"header": header, "pattern": "^" + re.escape(value) + "$",
+            return {"header": header, "pattern": "^" + _escape(value) + "$",
                     "user_id": _slug(value)}
     return None
+
+
+def _escape(text: str) -> str:
+    # A dash needs no escape outside a character class; leaving it bare keeps rules readable.
+    return re.escape(text).replace("\\-", "-")
 
 
 def _slug(text: str) -> str:

@@ -58,16 +58,15 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 def strip_hop_by_hop(
-    headers: CIMultiDictProxy[str], drop: frozenset[str]
+    headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
 ) -> CIMultiDict[str]:
     """A copy of ``headers`` without hop-by-hop headers and without the names in ``drop``."""
-    extra = connection_tokens(headers) if hdrs.CONNECTION in headers else frozenset()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in drop or lower in HOP_BY_HOP or lower in extra:
-            continue
-        out.add(name, value)
+    out = CIMultiDict(headers)  # a copy, then deletions: much cheaper than filtering
+    for names in (HOP_BY_HOP, drop,
+                  connection_tokens(headers) if hdrs.CONNECTION in headers else ()):
+        for name in names:
+            if name in out:
+                del out[name]
     return out
 
 
@@ -379,7 +378,7 @@ class Forwarder:
         line: dict[str, object],
         upstream_started: float,
     ) -> web.StreamResponse:
-        headers = strip_hop_by_hop(upstream.headers, frozenset())
+        headers = strip_hop_by_hop(upstream.headers)
         if decision is not None:
             headers[USER_ID_RESPONSE_HEADER] = decision.user_id
             headers[DETECTOR_RESPONSE_HEADER] = decision.detector

@@ -92,30 +92,38 @@ class Metrics:
         self.litellm_restarts = Counter("memproxy_litellm_restarts",
                                         "Times the supervised LiteLLM was restarted.",
                                         registry=registry)
+        # Looking a labelled child up by its label values costs more than the
+        # increment itself, so the children are kept; the label sets are bounded.
+        self._request_counters: dict[tuple[str, str, str, str], Counter] = {}
+        self._route_children: dict[str, _RouteChildren] = {}
 
     def observe(self, line: dict[str, object]) -> None:
         """Count one finished request from its canonical log line."""
         route = route_of(str(line.get("path", "")))
         detector = line.get("detector")
+        detector = detector if isinstance(detector, str) else None
         user_id = line.get("user_id")
-        self.requests.labels(
-            self.user_ids.label(user_id if isinstance(user_id, str) else None,
-                                detector if isinstance(detector, str) else None),
-            detector if isinstance(detector, str) else "none",
-            status_class(line.get("status")), route,
-        ).inc()
+        key = (self.user_ids.label(user_id if isinstance(user_id, str) else None, detector),
+               detector or "none", status_class(line.get("status")), route)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(*key)
+        counter.inc()
+        per_route = self._route_children.get(route)
+        if per_route is None:
+            per_route = self._route_children[route] = _RouteChildren(self, route)
         upstream_ms = line.get("upstream_ms")
         if isinstance(upstream_ms, float):
-            self.upstream_latency.labels(route).observe(upstream_ms / 1000)
+            per_route.upstream_latency.observe(upstream_ms / 1000)
         first_byte_ms = line.get("first_byte_ms")
         if isinstance(first_byte_ms, float):
-            self.first_byte.labels(route).observe(first_byte_ms / 1000)
+            per_route.first_byte.observe(first_byte_ms / 1000)
         bytes_in = line.get("bytes_in")
         if isinstance(bytes_in, int) and bytes_in:
-            self.bytes_in.labels(route).inc(bytes_in)
+            per_route.bytes_in.inc(bytes_in)
         bytes_out = line.get("bytes_out")
         if isinstance(bytes_out, int) and bytes_out:
-            self.bytes_out.labels(route).inc(bytes_out)
+            per_route.bytes_out.inc(bytes_out)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text, summed over all workers in multiprocess mode."""
@@ -124,6 +132,18 @@ class Metrics:
             prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _RouteChildren:
+    """The per-route children of the route-labelled metrics."""
+
+    __slots__ = ("bytes_in", "bytes_out", "first_byte", "upstream_latency")
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self.upstream_latency = metrics.upstream_latency.labels(route)
+        self.first_byte = metrics.first_byte.labels(route)
+        self.bytes_in = metrics.bytes_in.labels(route)
+        self.bytes_out = metrics.bytes_out.labels(route)
 
 
 def prepare_multiprocess_dir() -> str:

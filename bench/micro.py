@@ -82,8 +82,14 @@ def time_steps(settings: Any, chain: Any) -> None:
     steps: list[tuple[str, Callable[[], object] | None]] = []
     import structlog
     log = structlog.get_logger("memproxy")
-    steps.append(("log line: log.info('request', **line), JSON to a file",
+    steps.append(("a structlog line: log.info('request', **line), JSON to a file",
                   lambda: log.info("request", **LINE)))
+    try:
+        from memproxy.logs import log_request
+        steps.append(("request log line: log_request(line), JSON to a file",
+                      lambda: log_request(dict(LINE))))
+    except ImportError:
+        steps.append(("request log line: log_request(line), JSON to a file", None))
     import json
     steps.append(("  of which json.dumps of the line", lambda: json.dumps(LINE)))
 

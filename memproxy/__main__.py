@@ -34,7 +34,7 @@ from memproxy.config import (
 from memproxy.detection import DetectorChain, PluginError, RejectedRequest, build_detector_chain
 from memproxy.endpoints import RELOAD
 from memproxy.forwarding import InjectedHeaders
-from memproxy.logs import configure_logging
+from memproxy.logs import bind_process, configure_logging
 from memproxy.runner import serve_until_signalled
 from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
 from memproxy.workers import WORKER_ENV, run_worker_pool
@@ -170,7 +170,7 @@ def serve(args: argparse.Namespace) -> int:
                  listen=f"{settings.host}:{settings.port}")
         return run_worker_pool(worker_argv, args.workers, grace=GRACE_SECONDS)
     if WORKER_ENV in os.environ:
-        structlog.contextvars.bind_contextvars(worker=int(os.environ[WORKER_ENV]))
+        bind_process(worker=int(os.environ[WORKER_ENV]))
     elif args.reuse_port is False:
         for warning in lint(settings):
             log.warning("config_warning", message=warning)

@@ -28,6 +28,7 @@ from memproxy.detection import Decision, DetectorChain, RejectedRequest
 from memproxy.errors import Dialect, dialect_of, error_response, stream_error_event
 from memproxy.identifiers import is_valid_id
 from memproxy.inbox import UnmatchedInbox
+from memproxy.logs import log_request
 from memproxy.metrics import Metrics
 
 log = structlog.get_logger("memproxy")
@@ -268,7 +269,7 @@ class Forwarder:
             if "status" not in line and response is not None:
                 line["status"] = response.status
             line["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            log.info("request", **line)
+            log_request(line)
             self._observe(line, request.headers)
 
     async def _forward(

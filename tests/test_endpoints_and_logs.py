@@ -106,6 +106,49 @@ async def test_one_canonical_log_line_per_request(proxy: ProxyFactory) -> None:
     assert "query-secret" not in repr(logs)
 
 
+@pytest.fixture
+def json_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """memproxy's JSON logging, writing to a file; structlog is reset afterwards."""
+    import structlog
+
+    from memproxy import logs
+
+    with open(tmp_path / "log.jsonl", "w") as file:
+        monkeypatch.setattr(sys, "stdout", file)
+        monkeypatch.setattr(logs, "_process_fields", {})
+        monkeypatch.setattr(logs, "_request_writer", logs._request_writer)
+        logs.configure_logging("json", "info")
+        yield file
+    structlog.reset_defaults()
+
+
+async def test_request_line_has_the_same_fields_as_every_other_json_line(
+    json_log_file: Any,
+) -> None:
+    import structlog
+
+    from memproxy.logs import bind_process, log_request
+
+    bind_process(worker=1)
+    line = {"request_id": "ab12", "method": "POST", "path": "/v1/messages", "status": 200,
+            "user_id": "claude-code", "detector": "header_patterns", "duration_ms": 1.5}
+    log_request(dict(line))
+    structlog.get_logger("memproxy").info("request", **line)
+    await asyncio.sleep(0)  # inside the event loop the flush waits for the next iteration
+    json_log_file.flush()
+    fast, regular = (json.loads(text) for text in
+                     Path(json_log_file.name).read_text().splitlines())
+    assert fast.keys() == regular.keys()
+    assert {k: v for k, v in fast.items() if k != "timestamp"} == {
+        k: v for k, v in regular.items() if k != "timestamp"}
+    assert fast["worker"] == 1 and fast["level"] == "info" and fast["event"] == "request"
+    from datetime import datetime
+    for record in (fast, regular):  # ISO 8601, UTC, microseconds, as structlog writes it
+        assert record["timestamp"].endswith("Z") and len(record["timestamp"]) == 27
+        written = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+        assert abs(written.timestamp() - time.time()) < 5
+
+
 async def test_no_secret_appears_in_any_log_line_or_error(
     proxy: ProxyFactory, fake_litellm: FakeLiteLLM
 ) -> None:

@@ -176,6 +176,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("config_warning", message=warning)
     log.info("memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
              litellm_url=settings.litellm_url, config=str(settings.path or "(none)"),
+             event_loop=settings.event_loop,
              detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
     app = create_app(settings, chain=chain)
     return _run(app, settings, GRACE_SECONDS, reuse_port=args.reuse_port)
@@ -184,14 +185,24 @@ def serve(args: argparse.Namespace) -> int:
 def _run(app: web.Application, settings: Settings, grace: float,
          on_ready: Callable[[], None] | None = None, reuse_port: bool = False) -> int:
     try:
-        asyncio.run(serve_until_signalled(app, settings.host, settings.port, grace=grace,
-                                          on_ready=on_ready, reuse_port=reuse_port,
-                                          on_hangup=app[RELOAD]))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            runner.run(serve_until_signalled(app, settings.host, settings.port, grace=grace,
+                                             on_ready=on_ready, reuse_port=reuse_port,
+                                             on_hangup=app[RELOAD]))
     except OSError as exc:
         print(f"memproxy: cannot listen on {settings.host}:{settings.port}: "
               f"{exc.strerror or exc}. Pick another port with --port.", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``memproxy.event_loop`` asks for (``None``: asyncio's own)."""
+    if event_loop == "uvloop":
+        import uvloop  # checked by the config: installed
+
+        return uvloop.new_event_loop
+    return None
 
 
 def _master_key_configured(settings: Settings) -> bool:
@@ -222,6 +233,7 @@ def start(args: argparse.Namespace) -> int:
                                    ready_timeout=args.ready_timeout)
     log.info("memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
              litellm_url=litellm_url, config=str(settings.path),
+             event_loop=settings.event_loop,
              detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
     app = create_app(settings, chain=chain, supervisor=supervisor)
 

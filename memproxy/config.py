@@ -12,6 +12,7 @@ names the key and says how to fix it.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -139,6 +140,8 @@ class Settings:
     unidentified: str = "share"
     log_format: str = "auto"
     log_level: str = "info"
+    #: ``asyncio`` (the standard library's loop) or ``uvloop``.
+    event_loop: str = "asyncio"
     #: LiteLLM's own sections of the same file, untouched (for the lint).
     litellm_sections: Mapping[str, Any] = field(default_factory=dict)
 
@@ -150,7 +153,7 @@ LITELLM_SECTIONS = ("model_list", "general_settings", "litellm_settings", "route
 
 _MEMPROXY_KEYS = {
     "host", "port", "litellm_url", "max_body_size", "timeouts", "headers", "detectors", "log",
-    "explicit_id", "unidentified",
+    "explicit_id", "unidentified", "event_loop",
 }
 _EXPLICIT_ID_KEYS = {"trust", "networks", "secret_header", "secret"}
 _MAPPING_KEYS = {"custom_header", "header_patterns", "default_user_id"}
@@ -162,6 +165,7 @@ _HEADER_KEYS = {
 }
 _DETECTOR_KEYS = {"priority", "enabled", "options"}
 _LOG_KEYS = {"format", "level"}
+EVENT_LOOPS = ("asyncio", "uvloop")
 _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -274,6 +278,12 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
     log_format = _choice("memproxy.log.format", _env(log_raw.get("format", "auto")), _LOG_FORMATS)
     log_level = _choice("memproxy.log.level", _env(log_raw.get("level", "info")), _LOG_LEVELS)
 
+    event_loop = _choice("memproxy.event_loop", _env(section.get("event_loop", "asyncio")),
+                         EVENT_LOOPS)
+    if event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("memproxy.event_loop", "uvloop is not installed; install it with "
+                          "pip install 'memproxy[uvloop]', or set event_loop: asyncio")
+
     return Settings(
         path=path,
         host=_string("memproxy.host", _env(section.get("host", "127.0.0.1"))),
@@ -294,6 +304,7 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
                              UNIDENTIFIED_POLICIES),
         log_format=log_format,
         log_level=log_level,
+        event_loop=event_loop,
         litellm_sections={k: raw[k] for k in LITELLM_SECTIONS if k in raw},
     )
 

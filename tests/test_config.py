@@ -66,6 +66,7 @@ def test_seed_format_config_loads_unchanged(tmp_path: Path) -> None:
     ("user_id_mappings:\n  header_patterns:\n    - {header: user-agent, pattern: x}\n",
      "user_id_mappings.header_patterns[0].user_id", "missing"),
     ("memproxy: [1, 2]\n", "memproxy", "mapping"),
+    ("memproxy:\n  event_loop: trio\n", "memproxy.event_loop", "asyncio, uvloop"),
 ])
 def test_config_mistake_names_the_key_and_the_fix(
     tmp_path: Path, text: str, key: str, hint: str
@@ -74,6 +75,16 @@ def test_config_mistake_names_the_key_and_the_fix(
         load_settings(write(tmp_path, text))
     assert caught.value.key == key
     assert hint in str(caught.value)
+
+
+def test_uvloop_without_uvloop_installed_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # makes find_spec() fail as if absent
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, "memproxy:\n  event_loop: uvloop\n"))
+    assert caught.value.key == "memproxy.event_loop"
+    assert "pip install 'memproxy[uvloop]'" in str(caught.value)
 
 
 def test_check_config_reports_a_mistake_without_a_traceback(tmp_path: Path) -> None:

@@ -182,13 +182,15 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_serve_command_forwards_and_logs_json(
-    fake_litellm: FakeLiteLLM, tmp_path: Path
+    fake_litellm: FakeLiteLLM, tmp_path: Path, event_loop: str
 ) -> None:
     port = unused_port()
     config = tmp_path / "config.yaml"
     config.write_text("user_id_mappings:\n  header_patterns:\n"
-                      "    - {header: user-agent, pattern: '^curl/', user_id: curl}\n")
+                      "    - {header: user-agent, pattern: '^curl/', user_id: curl}\n"
+                      f"memproxy:\n  event_loop: {event_loop}\n")
     env = {**os.environ, "SUPERMEMORY_API_KEY": SM_KEY}
     process = subprocess.Popen(
         [sys.executable, "-m", "memproxy", "serve", "--config", str(config), "--port", str(port),
@@ -201,14 +203,18 @@ async def test_serve_command_forwards_and_logs_json(
                                     headers={"User-Agent": "curl/8.5.0"}) as resp:
                 assert resp.status == 200
                 assert resp.headers["x-memproxy-user-id"] == "curl"
+            async with session.post(f"http://127.0.0.1:{port}/sse?n=5&gap=0.02", data=b"{}",
+                                    headers={"User-Agent": "curl/8.5.0"}) as resp:
+                chunks = [chunk async for chunk in resp.content.iter_any()]
+                assert len(chunks) >= 5, chunks
     finally:
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
     assert fake_litellm.last.all("x-sm-user-id") == ["curl"]
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    events = [r["event"] for r in records]
-    assert "memproxy_starting" in events
+    starting = next(r for r in records if r["event"] == "memproxy_starting")
+    assert starting["event_loop"] == event_loop
     request_line = next(r for r in records if r["event"] == "request")
     assert request_line["user_id"] == "curl"
     assert SM_KEY not in out + err

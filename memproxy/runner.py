@@ -47,14 +47,14 @@ async def serve_until_signalled(
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await runner.setup()  # starts LiteLLM first when memproxy supervises it
-        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
-        await site.start()
-        log.info("memproxy_listening", url=f"http://{host}:{port}")
         # Everything built so far (modules, config, detectors) lives as long as the
         # process. Frozen, the collector stops walking it on every full collection,
         # which otherwise pauses the loop for ~15 ms: long enough to hold back events.
         gc.collect()
         gc.freeze()
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
+        await site.start()
+        log.info("memproxy_listening", url=f"http://{host}:{port}")
         if on_ready is not None:
             on_ready()
         await stop.wait()

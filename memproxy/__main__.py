@@ -174,12 +174,17 @@ def serve(args: argparse.Namespace) -> int:
     elif args.reuse_port is False:
         for warning in lint(settings):
             log.warning("config_warning", message=warning)
-    log.info("memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
-             litellm_url=settings.litellm_url, config=str(settings.path or "(none)"),
-             event_loop=settings.event_loop,
-             detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
+    _log_starting(settings, chain, settings.litellm_url)
     app = create_app(settings, chain=chain)
     return _run(app, settings, GRACE_SECONDS, reuse_port=args.reuse_port)
+
+
+def _log_starting(settings: Settings, chain: DetectorChain, litellm_url: str) -> None:
+    structlog.get_logger("memproxy").info(
+        "memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
+        litellm_url=litellm_url, config=str(settings.path or "(none)"),
+        event_loop=settings.event_loop,
+        detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
 
 
 def _run(app: web.Application, settings: Settings, grace: float,
@@ -231,10 +236,7 @@ def start(args: argparse.Namespace) -> int:
         env["LITELLM_MASTER_KEY"] = generated_key
     supervisor = LiteLLMSupervisor(config=Path(settings.path), port=args.litellm_port, env=env,
                                    ready_timeout=args.ready_timeout)
-    log.info("memproxy_starting", version=__version__, listen=f"{settings.host}:{settings.port}",
-             litellm_url=litellm_url, config=str(settings.path),
-             event_loop=settings.event_loop,
-             detector_chain=[f"{link.name}:{link.priority}" for link in chain.links])
+    _log_starting(settings, chain, litellm_url)
     app = create_app(settings, chain=chain, supervisor=supervisor)
 
     def banner() -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 
 import aiohttp
-import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -30,8 +29,6 @@ from memproxy.identifiers import is_valid_id
 from memproxy.inbox import UnmatchedInbox
 from memproxy.logs import log_request
 from memproxy.metrics import Metrics
-
-log = structlog.get_logger("memproxy")
 
 # RFC 9110 section 7.6.1, plus the non-standard ones proxies still meet.
 HOP_BY_HOP = frozenset({

@@ -150,12 +150,12 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     global _request_writer
-    if log_format == "json" and _LEVELS[level] <= logging.INFO:
-        _request_writer = _json_request_writer(factory(), timestamp)
-    elif _LEVELS[level] <= logging.INFO:
-        _request_writer = _log_request_with_structlog
-    else:
+    if _LEVELS[level] > logging.INFO:
         _request_writer = _ignore
+    elif log_format == "json":
+        _request_writer = _json_request_writer(factory(), timestamp)
+    else:
+        _request_writer = _log_request_with_structlog
 
 
 def _ignore(line: dict[str, object]) -> None:

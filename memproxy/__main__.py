@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -35,7 +36,7 @@ from memproxy.detection import DetectorChain, PluginError, RejectedRequest, buil
 from memproxy.endpoints import RELOAD
 from memproxy.forwarding import InjectedHeaders
 from memproxy.logs import bind_process, configure_logging
-from memproxy.runner import serve_until_signalled
+from memproxy.runner import STOP_SIGNALS, serve_until_signalled
 from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
 from memproxy.workers import WORKER_ENV, run_worker_pool
 
@@ -191,13 +192,23 @@ def _run(app: web.Application, settings: Settings, grace: float,
          on_ready: Callable[[], None] | None = None, reuse_port: bool = False) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-            runner.run(serve_until_signalled(app, settings.host, settings.port, grace=grace,
-                                             on_ready=on_ready, reuse_port=reuse_port,
-                                             on_hangup=app[RELOAD]))
+            try:
+                runner.run(serve_until_signalled(app, settings.host, settings.port,
+                                                 grace=grace, on_ready=on_ready,
+                                                 reuse_port=reuse_port,
+                                                 on_hangup=app[RELOAD]))
+            finally:
+                # Closing the loop puts back the signals' default actions. Hold the stop
+                # signals until they are ignored, so a late one cannot kill the exit.
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     except OSError as exc:
         print(f"memproxy: cannot listen on {settings.host}:{settings.port}: "
               f"{exc.strerror or exc}. Pick another port with --port.", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     return 0
 
 

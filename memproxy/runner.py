@@ -1,6 +1,7 @@
 """Serve an application until SIGINT or SIGTERM, then shut down gracefully.
 
 SIGHUP, when an ``on_hangup`` callback is given, reloads the config instead.
+After the shutdown these signals are ignored: the process is on its way out.
 
 On a signal memproxy stops accepting connections at once, lets requests and
 streams in flight finish for up to ``grace`` seconds, then runs the
@@ -18,6 +19,9 @@ import structlog
 from aiohttp import web
 
 log = structlog.get_logger("memproxy")
+
+#: The signals memproxy handles; once it has shut down, they are ignored.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 async def serve_until_signalled(
@@ -65,5 +69,12 @@ async def serve_until_signalled(
         try:
             await runner.cleanup()
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
+            # From here the process only exits. A late signal (a supervisor repeating
+            # itself) is ignored, never left to its default action, which would turn a
+            # clean exit into a death by signal. See also memproxy.__main__._run.
+            for signum in STOP_SIGNALS:
+                loop.add_signal_handler(signum, _ignore)
+
+
+def _ignore() -> None:
+    pass

@@ -22,6 +22,7 @@ from types import FrameType
 import structlog
 
 from memproxy.metrics import prepare_multiprocess_dir, worker_exited
+from memproxy.runner import STOP_SIGNALS
 from memproxy.supervisor import die_with_parent
 
 log = structlog.get_logger("memproxy")
@@ -57,8 +58,9 @@ def run_worker_pool(worker_argv: Sequence[str], workers: int, *, grace: float) -
                     process.send_signal(signal.SIGHUP)
 
     pool = [spawn(i) for i in range(workers)]
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         while not stopping:
             for index, process in enumerate(pool):
@@ -82,8 +84,10 @@ def run_worker_pool(worker_argv: Sequence[str], workers: int, *, grace: float) -
                 process.kill()
                 process.wait()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        # The pool is down and the process exits: late signals are ignored rather than
+        # left to their default action, which would make a clean stop look like a crash.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     clean = (0, -signal.SIGTERM, -signal.SIGINT)
     return 0 if all(p.returncode in clean for p in pool) else 1

@@ -252,6 +252,29 @@ async def test_sigterm_lets_open_streams_finish_and_refuses_new_connections(
     assert "memproxy_stopping" in out
 
 
+def test_repeated_stop_signals_still_end_in_a_clean_exit(
+    fake_litellm: FakeLiteLLM, tmp_path: Path
+) -> None:
+    """A supervisor that repeats SIGTERM until the process is gone must see exit status 0."""
+    port = unused_port()
+    (tmp_path / "empty.yaml").write_text("")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memproxy", "serve", "--port", str(port), "--litellm-url",
+         fake_litellm.url, "--config", str(tmp_path / "empty.yaml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port)
+        deadline = time.monotonic() + 20
+        while process.poll() is None and time.monotonic() < deadline:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.002)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+
+
 async def test_several_workers_share_one_port_and_stop_together(
     fake_litellm: FakeLiteLLM, tmp_path: Path
 ) -> None:

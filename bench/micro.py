@@ -93,16 +93,17 @@ def time_steps(settings: Any, chain: Any) -> None:
     import json
     steps.append(("  of which json.dumps of the line", lambda: json.dumps(LINE)))
 
-    injected = forwarding.InjectedHeaders.from_settings(settings)
-    drop = injected.request_drop
+    from memproxy.routing import RoutingPolicy, client_request
+    policy = RoutingPolicy(settings, chain)
+    _, client = client_request(headers)
 
     def clean_and_inject() -> None:
-        out = forwarding.strip_hop_by_hop(headers, drop)
-        injected.apply(out, "openai-python")
+        out, request = client_request(headers)
+        policy.rewrite_headers(out, policy.route(request))
 
-    steps.append(("strip_hop_by_hop + InjectedHeaders.apply", clean_and_inject))
+    steps.append(("client_request + route + rewrite_headers", clean_and_inject))
     steps.append(("chain.detect_user (bundled header_patterns)",
-                  lambda: chain.detect_user(headers)))
+                  lambda: chain.detect_user(client)))
     try:
         from memproxy.metrics import Metrics
         metrics = Metrics()

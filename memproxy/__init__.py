@@ -11,11 +11,13 @@ import pluggy
 
 from memproxy.config import ConfigError
 from memproxy.hookspecs import (
+    ClientRequest,
     DetectFunction,
     Detection,
     DetectorContext,
     DetectorSpec,
     InvalidUserId,
+    RequestDetectFunction,
 )
 
 __version__ = "0.1.0"
@@ -24,12 +26,14 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("memproxy")
 
 __all__ = [
+    "ClientRequest",
     "ConfigError",
     "DetectFunction",
     "Detection",
     "DetectorContext",
     "DetectorSpec",
     "InvalidUserId",
+    "RequestDetectFunction",
     "__version__",
     "hookimpl",
 ]

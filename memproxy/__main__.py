@@ -32,10 +32,10 @@ from memproxy.config import (
     parse_rule,
     resolve_config_path,
 )
-from memproxy.detection import DetectorChain, PluginError, RejectedRequest, build_detector_chain
+from memproxy.detection import DetectorChain, PluginError, build_detector_chain
 from memproxy.endpoints import RELOAD
-from memproxy.forwarding import InjectedHeaders
 from memproxy.logs import bind_process, configure_logging
+from memproxy.routing import Refusal, RoutingPolicy, client_request
 from memproxy.runner import STOP_SIGNALS, serve_until_signalled
 from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
 from memproxy.workers import WORKER_ENV, run_worker_pool
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", "-c", help=config_help)
     explain.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                          help="a request header; repeat for several")
+    explain.add_argument("--remote", default="127.0.0.1", metavar="ADDRESS",
+                         help="the client's address, for memproxy.explicit_id "
+                              "(default: 127.0.0.1)")
+    explain.add_argument("--path", default="/v1/chat/completions",
+                         help="the request path, query string included "
+                              "(default: /v1/chat/completions)")
     explain.add_argument("--rule", action="append", default=[], metavar="YAML",
                          help="try a header_patterns entry (e.g. one the unmatched inbox "
                               "suggests) before the configured ones; repeat for several")
@@ -315,23 +321,31 @@ def explain(args: argparse.Namespace) -> int:
         for rule in rules:
             print(f"trying rule: {rule.header} ~ {rule.pattern.pattern!r} -> {rule.user_id}")
     chain = build_detector_chain(settings)
+    policy = RoutingPolicy(settings, chain)
+    path, _, query = args.path.partition("?")
     headers: CIMultiDict[str] = CIMultiDict(parse_header(h) for h in args.header)
+    _, client = client_request(CIMultiDictProxy(headers), path=path, query_string=query,
+                               remote=args.remote)
     try:
-        decision = chain.detect_user(CIMultiDictProxy(headers))
-    except RejectedRequest as exc:
-        print(f"refused with 400 by {exc.detector}: {exc}")
+        route = policy.route(client)
+    except Refusal as exc:
+        print(f"refused with {exc.status} ({exc.code}): {exc}")
         return 1
-    injected = InjectedHeaders.from_settings(settings).describe(
-        decision.user_id, CIMultiDictProxy(headers))
-    print(f"user id:  {decision.user_id}")
-    print(f"detector: {decision.detector}")
-    print(f"why:      {decision.reason}")
+    shown = policy.describe(route, client)
+    print(f"user id:  {route.user_id or '(none: forwarded without memory headers)'}")
+    print(f"detector: {route.decision.detector}")
+    print(f"why:      {shown['reason']}")
     print("headers sent to LiteLLM:")
-    for name, value in injected.items():
+    for name, value in route_headers(shown).items():
         print(f"  {name}: {value}")
     print("detector chain:")
     print(format_chain(chain))
     return 0
+
+
+def route_headers(shown: dict[str, object]) -> dict[str, str]:
+    headers = shown.get("injected_headers")
+    return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
 
 
 if __name__ == "__main__":

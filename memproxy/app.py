@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from memproxy.activity import ActivityWindow
+from memproxy.admin import admin_only
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain, build_detector_chain
 from memproxy.endpoints import (
@@ -68,13 +69,17 @@ def create_app(
         forwarder.unavailable = supervisor.unavailable
         supervisor.on_restart = metrics.litellm_restarts.inc
         app.cleanup_ctx.append(supervised(supervisor))
+    def settings_of(request: web.Request) -> Settings:
+        return request.app[FORWARDER].settings
+
     app.router.add_get("/memory-routing/info", info_handler)
-    app.router.add_get("/memory-routing/unmatched", unmatched_handler)
-    app.router.add_post("/memory-routing/reload", reload_handler)
-    app.router.add_get("/memory-routing/status", status_json_handler)
+    app.router.add_get("/memory-routing/unmatched", admin_only(unmatched_handler, settings_of))
+    app.router.add_post("/memory-routing/reload", admin_only(reload_handler, settings_of))
+    app.router.add_get("/memory-routing/status", admin_only(status_json_handler, settings_of))
     app.router.add_get("/memory-routing/", status_page_handler)
     app.router.add_get("/health", health_handler)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", admin_only(
+        metrics_handler, settings_of, open_to_anyone=lambda admin: admin.metrics == "anyone"))
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
 

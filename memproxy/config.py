@@ -120,6 +120,25 @@ class ExplicitIdTrust:
     secret: Secret | None = None
 
 
+METRICS_ACCESS = ("admin", "anyone")
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAccess:
+    """``memproxy.admin``: who may use memproxy's own endpoints (status, inbox, reload, ...)."""
+
+    networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
+        ip_network(n) for n in LOOPBACK_NETWORKS)
+    #: Accepted from anywhere as ``Authorization: Bearer <token>``.
+    token: Secret | None = None
+    #: Host names a browser may reach the endpoints by, besides ``localhost``,
+    #: IP addresses and ``memproxy.host`` (a guard against DNS rebinding).
+    hosts: tuple[str, ...] = ()
+    #: ``/metrics``: under the same rule (``admin``) or open to ``anyone``.
+    metrics: str = "admin"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything memproxy needs, validated."""
@@ -136,6 +155,7 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_size: int = 256 * 1024 * 1024
     explicit_id: ExplicitIdTrust = field(default_factory=ExplicitIdTrust)
+    admin: AdminAccess = field(default_factory=AdminAccess)
     #: What to do with requests only the default detector recognised.
     unidentified: str = "share"
     log_format: str = "auto"
@@ -153,9 +173,10 @@ LITELLM_SECTIONS = ("model_list", "general_settings", "litellm_settings", "route
 
 _MEMPROXY_KEYS = {
     "host", "port", "litellm_url", "max_body_size", "timeouts", "headers", "detectors", "log",
-    "explicit_id", "unidentified", "event_loop",
+    "explicit_id", "unidentified", "event_loop", "admin",
 }
 _EXPLICIT_ID_KEYS = {"trust", "networks", "secret_header", "secret"}
+_ADMIN_KEYS = {"networks", "token", "hosts", "metrics"}
 _MAPPING_KEYS = {"custom_header", "header_patterns", "default_user_id"}
 _PATTERN_KEYS = {"header", "pattern", "user_id"}
 _TIMEOUT_KEYS = {"connect", "between_chunks", "total"}
@@ -243,6 +264,14 @@ def _read_yaml(file: Path) -> Mapping[str, Any]:
             "", f"{file} is not valid YAML{where}: {problem}",
             "check the indentation and quoting on that line",
         ) from None
+    except RecursionError:
+        raise ConfigError("", f"{file} nests lists or mappings too deeply to read",
+                          "a config needs only a few levels") from None
+    except (ValueError, OverflowError) as exc:
+        # The YAML is well formed but a value in it is not, e.g. the date 2024-13-45
+        # or an integer with more digits than Python converts.
+        raise ConfigError("", f"{file} has a value YAML cannot read: {exc}",
+                          "quote the value if it is meant as text") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -300,6 +329,7 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
         max_body_size=_size("memproxy.max_body_size", section.get("max_body_size", "256MiB")),
         explicit_id=_explicit_id(
             _section(section, "explicit_id", _EXPLICIT_ID_KEYS, prefix="memproxy.")),
+        admin=_admin(_section(section, "admin", _ADMIN_KEYS, prefix="memproxy.")),
         unidentified=_choice("memproxy.unidentified", _env(section.get("unidentified", "share")),
                              UNIDENTIFIED_POLICIES),
         log_format=log_format,
@@ -311,66 +341,136 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
 
 # -- the LiteLLM header-forwarding lint ---------------------------------------------------
 
-FORWARDING_FIX = """\
-LiteLLM drops client headers such as x-sm-user-id unless it is told to forward them.
-Add this to the LiteLLM config (the same config.yaml):
+#: The memory router's address form: ``/v3/`` then the provider's host (``/v3/api.anthropic.com``).
+_ROUTER_PATH = re.compile(r"/v3/[a-z0-9-]+(?:\.[a-z0-9-]+)+(?:/|$)", re.IGNORECASE)
 
-    general_settings:
-      forward_client_headers_to_llm_api: true
 
-or, for some models only:
+def goes_through_supermemory(api_base: Any) -> bool:
+    """Whether a model with this ``litellm_params.api_base`` reaches Supermemory's memory router.
 
-    litellm_settings:
-      model_group_settings:
-        forward_client_headers_to_llm_api: [model-name, ...]"""
+    The router is addressed as ``https://api.supermemory.ai/v3/<provider host>``. An
+    address naming Supermemory counts, and so does any address of the ``/v3/<provider
+    host>`` form, since a self-hosted router or a local stand-in has a host of its own.
+    """
+    value = _env(api_base)
+    if not isinstance(value, str):
+        return False
+    if "supermemory" in value.lower():
+        return True
+    try:
+        path = urlsplit(value).path
+    except ValueError:
+        return False
+    return _ROUTER_PATH.match(path) is not None
 
 
 def lint(settings: Settings) -> list[str]:
-    """Warnings about a LiteLLM config that would lose the injected headers.
+    """Warnings about where LiteLLM would send the memory headers, or fail to.
 
-    Only runs when the file holds LiteLLM sections: a memproxy-only file
-    says nothing about how LiteLLM is configured.
+    The memory user id and the Supermemory key belong to the models that go through
+    the Supermemory router: there they must arrive, and no other provider should get
+    them. Only runs when the file holds LiteLLM sections: a memproxy-only file says
+    nothing about how LiteLLM is configured.
     """
     sections = settings.litellm_sections
     if not sections:
         return []
-    general = sections.get("general_settings") or {}
-    litellm_settings = sections.get("litellm_settings") or {}
+    routed, others = _model_routes(sections.get("model_list"))
+    everywhere, listed = _forwarding(sections)
+    header = settings.headers.user_id
+    warnings: list[str] = []
+
+    exposed = [name for name in others if everywhere or name in listed]
+    if settings.headers.supermemory_api_key is not None and exposed:
+        if everywhere:
+            scope = "to every model (general_settings.forward_client_headers_to_llm_api: true)"
+            undo = "remove general_settings.forward_client_headers_to_llm_api"
+        else:
+            scope = f"to {', '.join(listed)}"
+            undo = f"take {', '.join(exposed)} off the forwarding list"
+        warnings.append(
+            "memproxy adds x-supermemory-api-key to every request (from "
+            "memproxy.headers.supermemory_api_key, or $SUPERMEMORY_API_KEY when the config "
+            f"does not set it) and LiteLLM forwards client headers {scope}, so the providers "
+            f"of {', '.join(exposed)} receive your Supermemory key and {header}.\n"
+            f"Fix: {undo} and forward client headers to the Supermemory models only. Best, "
+            "let LiteLLM add the key to them itself and set "
+            "memproxy.headers.supermemory_api_key: null.\n"
+            + _forwarding_fix(routed)
+        )
+
+    missing = [name for name in routed if not everywhere and name not in listed]
+    if missing and listed:
+        warnings.append(
+            f"LiteLLM forwards client headers only for {', '.join(listed)}; requests to "
+            f"{', '.join(missing)} reach the provider without {header}, so they get no memory.\n"
+            + _forwarding_fix(routed)
+        )
+    elif missing:
+        warnings.append(
+            f"LiteLLM will silently drop {header}: header forwarding is off in this config, so "
+            f"requests to {', '.join(missing)} reach the Supermemory router without a memory "
+            "user id.\n" + _forwarding_fix(routed)
+        )
+
+    if others and not routed:
+        warnings.append(
+            f"No model in model_list goes through the Supermemory memory router, so {header} "
+            "gives no request memory. A model goes through it when its litellm_params.api_base "
+            "is the router's address, e.g. https://api.supermemory.ai/v3/api.anthropic.com.\n"
+            + _forwarding_fix(routed)
+        )
+    return warnings
+
+
+def _forwarding_fix(routed: list[str]) -> str:
+    """How to send the memory headers to the Supermemory models and to no other."""
+    names = ", ".join(routed) or "model-name, ..."
+    return (
+        "Forward client headers only to the models that go through the Supermemory router, "
+        "and let LiteLLM add the Supermemory key to those models itself (same config.yaml):\n\n"
+        "    litellm_settings:\n"
+        "      model_group_settings:\n"
+        f"        forward_client_headers_to_llm_api: [{names}]\n\n"
+        "and in the litellm_params of each of those models:\n\n"
+        "        extra_headers: {x-supermemory-api-key: os.environ/SUPERMEMORY_API_KEY}"
+    )
+
+
+def _forwarding(sections: Mapping[str, Any]) -> tuple[bool, list[str]]:
+    """Whether LiteLLM forwards client headers to every model, and the per-model list."""
+    general = sections.get("general_settings")
+    everywhere = isinstance(general, Mapping) and \
+        general.get("forward_client_headers_to_llm_api") is True
+    litellm_settings = sections.get("litellm_settings")
     groups = litellm_settings.get("model_group_settings") if isinstance(
-        litellm_settings, Mapping
-    ) else None
-    per_model = groups.get("forward_client_headers_to_llm_api") if isinstance(
-        groups, Mapping
-    ) else None
-    if isinstance(general, Mapping) and general.get("forward_client_headers_to_llm_api") is True:
-        return []
-    if isinstance(per_model, list) and per_model:
-        names = _model_names(sections.get("model_list"))
-        missed = [n for n in names if n not in per_model]
-        if missed:
-            return [
-                "LiteLLM forwards client headers only for "
-                f"{', '.join(map(str, per_model))}; requests to {', '.join(missed)} reach "
-                f"the provider without {settings.headers.user_id}, so they get no memory.\n"
-                + FORWARDING_FIX
-            ]
-        return []
-    return [
-        f"LiteLLM will silently drop {settings.headers.user_id}: header forwarding is off "
-        "in this config, so no request reaches the provider with a memory user id.\n"
-        + FORWARDING_FIX
-    ]
+        litellm_settings, Mapping) else None
+    listed = groups.get("forward_client_headers_to_llm_api") if isinstance(
+        groups, Mapping) else None
+    return everywhere, [str(name) for name in listed] if isinstance(listed, list) else []
 
 
-def _model_names(model_list: Any) -> list[str]:
-    if not isinstance(model_list, list):
-        return []
-    names: list[str] = []
-    for entry in model_list:
+def _model_routes(model_list: Any) -> tuple[list[str], list[str]]:
+    """Model names going through the Supermemory router, and those going to other providers.
+
+    A name with several deployments can be in both. Models LiteLLM answers itself
+    (``mock_response``) are in neither: no provider sees their headers.
+    """
+    routed: list[str] = []
+    others: list[str] = []
+    for entry in model_list if isinstance(model_list, list) else ():
         name = entry.get("model_name") if isinstance(entry, Mapping) else None
-        if isinstance(name, str) and name not in names:
+        if not isinstance(name, str):
+            continue
+        params = entry.get("litellm_params")
+        if not isinstance(params, Mapping):
+            params = {}
+        if params.get("mock_response") is not None:
+            continue
+        names = routed if goes_through_supermemory(params.get("api_base")) else others
+        if name not in names:
             names.append(name)
-    return names
+    return routed, others
 
 
 # -- field validators -----------------------------------------------------------------
@@ -418,6 +518,15 @@ def _kind(value: Any) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut short, so a 400-digit number still makes a one-line message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than Python turns into text
+        return "a number with thousands of digits"
+    return text if len(text) <= 40 else text[:30] + f"... ({len(text)} characters)"
+
+
 def _string(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, f"must be non-empty text, got {_kind(value)}")
@@ -445,22 +554,35 @@ def _user_id(key: str, value: Any) -> str:
 
 
 def _check_port(key: str, value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
+    # isdigit() alone also accepts digits int() cannot read, such as '²'.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ConfigError(key, f"must be a port number from 0 to 65535, got {value!r}")
+        raise ConfigError(key, f"must be a port number from 0 to 65535, got {_brief(value)}")
     return value
 
 
 def _check_url(key: str, value: Any) -> str:
+    """An http(s) base URL without credentials, query string or fragment."""
+    example = f"e.g. {DEFAULT_LITELLM_URL}"
     if not isinstance(value, str):
-        raise ConfigError(key, f"must be a URL, got {_kind(value)}",
-                          f"e.g. {DEFAULT_LITELLM_URL}")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"must be a URL, got {_kind(value)}", example)
+    # The value is echoed only when it cannot hold a password.
+    not_url = ConfigError(key, "must be an http(s) URL" if "@" in value
+                          else f"{value!r} is not an http(s) URL", example)
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError for a port that is not a number up to 65535
+    except ValueError:
+        raise not_url from None
+    if "@" in parts.netloc:
         raise ConfigError(
-            key, f"{value!r} is not an http(s) URL", f"e.g. {DEFAULT_LITELLM_URL}"
+            key, "must not hold a user name or password: credentials do not belong in the URL",
+            "write it as http://host:port; memproxy adds no credentials of its own, each client "
+            "sends its own API key",
         )
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise not_url
     if parts.query or parts.fragment:
         raise ConfigError(key, "must not have a query string or fragment",
                           f"e.g. {DEFAULT_LITELLM_URL}")
@@ -473,31 +595,47 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
+#: A week. A longer limit is no limit in practice, which null says; the bound also keeps
+#: a huge number from overflowing the float a timeout is kept in.
+_MAX_SECONDS = 7 * 24 * 3600
+
+
 def _seconds(key: str, raw: Mapping[str, Any], name: str, default: float | None) -> float | None:
     if name not in raw:
         return default
     value = _env(raw[name])
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    # The chained comparison also refuses NaN and infinity.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value <= _MAX_SECONDS:
         raise ConfigError(
-            key, f"must be a positive number of seconds or null (no limit), got {value!r}"
+            key, f"must be a positive number of seconds up to {_MAX_SECONDS} (a week), "
+                 f"or null (no limit), got {_brief(value)}",
         )
     return float(value)
 
 
+#: 1024GiB (1 TiB): far above any request body, far below a size that would overflow.
+_MAX_SIZE = 1024**4
+
+
 def _size(key: str, value: Any) -> int:
     value = _env(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
+    size: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
         match = _SIZE.fullmatch(value)
         if match:
             unit = (match.group(2) or "").lower().rstrip("b")
-            return int(float(match.group(1)) * _SIZE_UNITS[unit])
-    raise ConfigError(
-        key, f"must be a size in bytes, got {value!r}", "e.g. 104857600, '100MB' or '256MiB'"
-    )
+            size = float(match.group(1)) * _SIZE_UNITS[unit]  # too many digits give inf
+    if size is None or not 1 <= size <= _MAX_SIZE:
+        raise ConfigError(
+            key, f"must be a size from 1 byte to 1024GiB, got {_brief(value)}",
+            "e.g. 104857600, '100MB' or '256MiB'",
+        )
+    return int(size)
 
 
 def _patterns(value: Any, key: str = "user_id_mappings.header_patterns"
@@ -548,6 +686,11 @@ def parse_rule(text: str) -> HeaderPattern:
     return _patterns([entry], key="--rule")[0]
 
 
+_MAX_PRIORITY = 1_000_000
+# ASCII digits only: int() cannot read every character isdigit() accepts.
+_PRIORITY_TEXT = re.compile(r"-?[0-9]{1,7}")
+
+
 def _detectors(value: Any) -> Mapping[str, DetectorSettings]:
     key = "memproxy.detectors"
     if value is None:
@@ -563,11 +706,16 @@ def _detectors(value: Any) -> Mapping[str, DetectorSettings]:
             entry = {"enabled": False}
         entry = _mapping(where, entry, _DETECTOR_KEYS, "a mapping (priority, enabled, options)")
         priority = _env(entry.get("priority"))
-        if isinstance(priority, str) and priority.lstrip("-").isdigit():
+        if isinstance(priority, str) and _PRIORITY_TEXT.fullmatch(priority):
             priority = int(priority)
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise ConfigError(f"{where}.priority", f"must be a whole number, got {priority!r}",
-                              "higher numbers run first, e.g. 100")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or not -_MAX_PRIORITY <= priority <= _MAX_PRIORITY):
+            raise ConfigError(
+                f"{where}.priority",
+                f"must be a whole number from -{_MAX_PRIORITY} to {_MAX_PRIORITY}, "
+                f"got {_brief(priority)}",
+                "higher numbers run first, e.g. 100",
+            )
         enabled = _env(entry.get("enabled"))
         if isinstance(enabled, str) and enabled.lower() in ("true", "false"):
             enabled = enabled.lower() == "true"
@@ -586,17 +734,7 @@ def _detectors(value: Any) -> Mapping[str, DetectorSettings]:
 def _explicit_id(raw: Mapping[str, Any]) -> ExplicitIdTrust:
     key = "memproxy.explicit_id"
     trust = _choice(f"{key}.trust", _env(raw.get("trust", "networks")), TRUST_MODES)
-    networks_raw = raw.get("networks", list(LOOPBACK_NETWORKS))
-    if not isinstance(networks_raw, list):
-        raise ConfigError(f"{key}.networks", f"must be a list of networks, got "
-                                             f"{_kind(networks_raw)}", "e.g. [10.0.0.0/8, ::1]")
-    networks = []
-    for index, text in enumerate(networks_raw):
-        try:
-            networks.append(ip_network(str(_env(text)), strict=False))
-        except ValueError:
-            raise ConfigError(f"{key}.networks[{index}]", f"{text!r} is not an IP network",
-                              "write it as an address or CIDR, e.g. 192.168.1.0/24") from None
+    networks = _networks(f"{key}.networks", raw.get("networks", list(LOOPBACK_NETWORKS)))
     secret = _env(raw.get("secret", "os.environ/MEMPROXY_EXPLICIT_ID_SECRET"))
     if trust == "secret" and (not isinstance(secret, str) or len(secret) < 16):
         raise ConfigError(
@@ -604,10 +742,43 @@ def _explicit_id(raw: Mapping[str, Any]) -> ExplicitIdTrust:
             "set MEMPROXY_EXPLICIT_ID_SECRET, or secret: os.environ/NAME",
         )
     return ExplicitIdTrust(
-        trust=trust, networks=tuple(networks),
+        trust=trust, networks=networks,
         secret_header=_header_name(f"{key}.secret_header",
                                    raw.get("secret_header", "x-memproxy-secret")),
         secret=Secret(secret) if isinstance(secret, str) and secret else None,
+    )
+
+
+def _networks(key: str, value: Any) -> tuple[IPv4Network | IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be a list of networks, got {_kind(value)}",
+                          "e.g. [10.0.0.0/8, ::1]")
+    networks = []
+    for index, text in enumerate(value):
+        try:
+            networks.append(ip_network(str(_env(text)), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}[{index}]", f"{text!r} is not an IP network",
+                              "write it as an address or CIDR, e.g. 192.168.1.0/24") from None
+    return tuple(networks)
+
+
+def _admin(raw: Mapping[str, Any]) -> AdminAccess:
+    key = "memproxy.admin"
+    token = _env(raw.get("token", "os.environ/MEMPROXY_ADMIN_TOKEN"))
+    if token is not None and (not isinstance(token, str) or len(token) < MIN_ADMIN_TOKEN_LENGTH):
+        raise ConfigError(f"{key}.token", f"must be at least {MIN_ADMIN_TOKEN_LENGTH} "
+                          "characters", "e.g. export MEMPROXY_ADMIN_TOKEN=$(openssl rand -hex 32)"
+                          " and token: os.environ/MEMPROXY_ADMIN_TOKEN")
+    hosts = raw.get("hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f"{key}.hosts", "must be a list of host names",
+                          "e.g. [memproxy.internal]")
+    return AdminAccess(
+        networks=_networks(f"{key}.networks", raw.get("networks", list(LOOPBACK_NETWORKS))),
+        token=Secret(token) if token else None,
+        hosts=tuple(h.lower() for h in hosts),
+        metrics=_choice(f"{key}.metrics", _env(raw.get("metrics", "admin")), METRICS_ACCESS),
     )
 
 

@@ -10,23 +10,24 @@ builds a new one.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import pluggy
 import structlog
-from multidict import CIMultiDictProxy
 
 from memproxy import hookspecs
 from memproxy.config import ConfigError, Settings
 from memproxy.hookspecs import (
+    ClientRequest,
     DetectFunction,
     Detection,
     DetectorContext,
     DetectorSpec,
     InvalidUserId,
+    RequestDetectFunction,
 )
 from memproxy.identifiers import check_id
 
@@ -53,7 +54,7 @@ class ChainLink:
     priority: int
     plugin: str
     description: str
-    detect: DetectFunction
+    detect: RequestDetectFunction
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ class DetectorChain:
     links: tuple[ChainLink, ...]
     fallback_user_id: str
 
-    def detect_user(self, headers: CIMultiDictProxy[str]) -> Decision:
+    def detect_user(self, request: ClientRequest) -> Decision:
         """Ask each detector in turn; the first valid answer wins.
 
         A detector that raises is skipped (and logged) so that one broken
@@ -90,7 +91,7 @@ class DetectorChain:
         """
         for link in self.links:
             try:
-                answer = link.detect(headers)
+                answer = link.detect(request)
             except InvalidUserId as exc:
                 raise RejectedRequest(link.name, str(exc)) from None
             except Exception as exc:  # a broken plugin must not break the proxy
@@ -219,9 +220,25 @@ class DetectorRegistry:
                 raise PluginError(f"detector {name} (plugin {plugin}): build() must return "
                                   f"a function, got {type(detect).__name__}")
             priority = spec.priority if override.priority is None else override.priority
-            links.append(ChainLink(name, priority, plugin, spec.description, detect))
+            links.append(ChainLink(name, priority, plugin, spec.description,
+                                   _reading(spec, detect)))
         links.sort(key=lambda link: (-link.priority, link.name))
         return DetectorChain(tuple(links), settings.default_user_id)
+
+
+def _reading(
+    spec: DetectorSpec, detect: DetectFunction | RequestDetectFunction
+) -> RequestDetectFunction:
+    """Every link is called with the request; most detectors only want its headers."""
+    if spec.reads == "request":
+        return detect  # type: ignore[return-value]
+    on_headers: Callable[[Any], Any] = detect
+
+    def detect_on_headers(request: ClientRequest) -> str | Detection | None:
+        answer: str | Detection | None = on_headers(request.headers)
+        return answer
+
+    return detect_on_headers
 
 
 def _check_spec(plugin: str, spec: object) -> None:
@@ -236,6 +253,9 @@ def _check_spec(plugin: str, spec: object) -> None:
                           f"{spec.priority!r}; it must be a whole number")
     if not callable(spec.build):
         raise PluginError(f"plugin {plugin}: detector {spec.name} has no callable build")
+    if spec.reads not in ("headers", "request"):
+        raise PluginError(f"plugin {plugin}: detector {spec.name} has reads={spec.reads!r}; "
+                          "it must be 'headers' or 'request'")
 
 
 def _import(module_name: str, label: str) -> ModuleType:

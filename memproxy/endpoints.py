@@ -7,15 +7,15 @@ import signal
 import time
 from collections.abc import Callable
 from importlib import resources
-from ipaddress import ip_address
 
 import aiohttp
 from aiohttp import web
 
 from memproxy import __version__
 from memproxy.errors import dialect_of, error_response
-from memproxy.forwarding import Forwarder, Refusal
+from memproxy.forwarding import Forwarder
 from memproxy.reload import ReloadResult
+from memproxy.routing import Refusal, client_request
 from memproxy.supervisor import LiteLLMSupervisor
 from memproxy.workers import WORKER_ENV
 
@@ -25,19 +25,10 @@ HEALTH_TIMEOUT = 2.0
 
 def routing_info(forwarder: Forwarder, request: web.Request) -> dict[str, object]:
     """Where the caller's own request would land: the seed's debug document, extended."""
-    decision, with_memory = forwarder.identify(request)
-    return {
-        "user_id": decision.user_id if with_memory else None,
-        "detector": decision.detector,
-        "reason": decision.reason if with_memory else
-        "unrecognised client: memory headers are left out (memproxy.unidentified: no_memory)",
-        "detector_chain": forwarder.chain.describe(),
-        "injected_headers": forwarder.injected.describe(decision.user_id, request.headers)
-        if with_memory else {},
-        "explicit_id_trust": forwarder.trust.trust,
-        "unidentified": forwarder.unidentified,
-        "litellm_url": forwarder.upstream,
-    }
+    policy = forwarder.policy
+    _, client = client_request(request.headers, path=request.path,
+                               query_string=request.query_string, remote=request.remote)
+    return {**policy.describe(policy.route(client), client), "litellm_url": forwarder.upstream}
 
 
 async def info_handler(request: web.Request) -> web.Response:
@@ -103,8 +94,13 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def unmatched_handler(request: web.Request) -> web.Response:
     inbox = request.app[FORWARDER].inbox
-    limit = int(request.query.get("limit", "50")) if request.query.get("limit", "").isdigit() \
-        else 50
+    text = request.query.get("limit", "50")
+    # ASCII digits only: isdigit() alone also accepts '²' and '①', which int() refuses.
+    if not (text.isascii() and text.isdigit()):
+        return error_response(dialect_of(request.path, request.headers), 400,
+                              "limit must be a whole number from 1 to 200", "invalid_limit")
+    # Clamped to the inbox's capacity; a long number by its length, before int() reads it.
+    limit = 200 if len(text) > 3 else min(max(int(text), 1), 200)
     return web.json_response({
         "unmatched": inbox.top(limit) if inbox is not None else [],
         "how_to_use": "paste suggested_yaml under user_id_mappings.header_patterns, test it "
@@ -112,17 +108,7 @@ async def unmatched_handler(request: web.Request) -> web.Response:
     })
 
 
-def from_loopback(request: web.Request) -> bool:
-    try:
-        return request.remote is not None and ip_address(request.remote).is_loopback
-    except ValueError:
-        return False
-
-
 async def reload_handler(request: web.Request) -> web.Response:
-    if not from_loopback(request):
-        return error_response(dialect_of(request.path, request.headers), 403,
-                              "reload is only accepted from localhost", "reload_not_allowed")
     if WORKER_ENV in os.environ:
         # One of several workers: the parent passes SIGHUP on to every worker.
         os.kill(os.getppid(), signal.SIGHUP)
@@ -137,10 +123,10 @@ async def status_json_handler(request: web.Request) -> web.Response:
     forwarder = request.app[FORWARDER]
     _, state = await health(request.app)
     state.update(
-        detector_chain=forwarder.chain.describe(),
+        detector_chain=forwarder.policy.chain.describe(),
         default_user_id=forwarder.settings.default_user_id,
-        unidentified=forwarder.unidentified,
-        explicit_id_trust=forwarder.trust.trust,
+        unidentified=forwarder.policy.unidentified,
+        explicit_id_trust=forwarder.policy.trust.trust,
         requests_last_hour=forwarder.activity.totals() if forwarder.activity else {},
         unmatched=forwarder.inbox.top(20) if forwarder.inbox else [],
         worker=os.environ.get(WORKER_ENV),

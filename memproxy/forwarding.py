@@ -9,135 +9,41 @@ arrive. Only hop-by-hop headers and the headers memproxy owns are touched.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from ipaddress import ip_address
 
 import aiohttp
+import structlog
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from memproxy.activity import ActivityWindow
 from memproxy.config import Settings
-from memproxy.detection import Decision, DetectorChain, RejectedRequest
+from memproxy.detection import DetectorChain
 from memproxy.errors import Dialect, dialect_of, error_response, stream_error_event
-from memproxy.identifiers import is_valid_id
 from memproxy.inbox import UnmatchedInbox
 from memproxy.logs import log_request
-from memproxy.metrics import Metrics
+from memproxy.metrics import Metrics, succeeded
+from memproxy.routing import (
+    UNIDENTIFIED,
+    Refusal,
+    Route,
+    RoutingPolicy,
+    client_request,
+    strip_hop_by_hop,
+)
 
-# RFC 9110 section 7.6.1, plus the non-standard ones proxies still meet.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
-})
 # Bodies up to this size are read whole: one write is cheaper than a stream.
 SMALL_BODY = 1024 * 1024
 # Headers that tell the client which memory space its request landed in.
 USER_ID_RESPONSE_HEADER = "x-memproxy-user-id"
 DETECTOR_RESPONSE_HEADER = "x-memproxy-detector"
-SUPERMEMORY_KEY_HEADER = "x-supermemory-api-key"
 RETRY_AFTER_SECONDS = "2"
-LITELLM_END_USER_HEADER = "x-litellm-end-user-id"
 
 
 class BodyTooLarge(Exception):
     """The client's body went past ``max_body_size`` while it was streamed."""
-
-
-def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Header names listed in ``Connection``: hop-by-hop for this message only."""
-    values = headers.getall(hdrs.CONNECTION, ())
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
-
-
-def strip_hop_by_hop(
-    headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
-) -> CIMultiDict[str]:
-    """A copy of ``headers`` without hop-by-hop headers and without the names in ``drop``."""
-    out = CIMultiDict(headers)  # a copy, then deletions: much cheaper than filtering
-    for names in (HOP_BY_HOP, drop,
-                  connection_tokens(headers) if hdrs.CONNECTION in headers else ()):
-        for name in names:
-            if name in out:
-                del out[name]
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class InjectedHeaders:
-    """What memproxy writes into every forwarded request, decided once at start-up."""
-
-    user_id: str
-    custom_header: str
-    conversation_id: str
-    conversation_id_from: tuple[str, ...]
-    supermemory_api_key: str | None
-    litellm_end_user_id: bool
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> InjectedHeaders:
-        key = settings.headers.supermemory_api_key
-        return cls(
-            user_id=settings.headers.user_id,
-            custom_header=settings.custom_header,
-            conversation_id=settings.headers.conversation_id,
-            conversation_id_from=settings.headers.conversation_id_from,
-            supermemory_api_key=key.reveal() if key else None,
-            litellm_end_user_id=settings.headers.litellm_end_user_id,
-        )
-
-    @property
-    def request_drop(self) -> frozenset[str]:
-        """Client headers never passed on: memproxy owns them, or they are per-hop."""
-        owned = {self.user_id, self.custom_header, SUPERMEMORY_KEY_HEADER, "host", "expect"}
-        if self.litellm_end_user_id:
-            owned.add(LITELLM_END_USER_HEADER)
-        return frozenset(owned)
-
-    def apply(self, headers: CIMultiDict[str], user_id: str) -> None:
-        """Write the memory headers for ``user_id`` into outgoing ``headers``."""
-        headers[self.user_id] = user_id
-        if self.litellm_end_user_id:
-            headers[LITELLM_END_USER_HEADER] = user_id
-        if self.supermemory_api_key:
-            headers[SUPERMEMORY_KEY_HEADER] = self.supermemory_api_key
-        if self.conversation_id not in headers:
-            for source in self.conversation_id_from:
-                value = headers.get(source)
-                if value is not None and is_valid_id(value):
-                    headers[self.conversation_id] = value
-                    break
-
-    def describe(self, user_id: str, request_headers: CIMultiDictProxy[str]) -> dict[str, str]:
-        """The injected headers for display, with the Supermemory key redacted."""
-        out: CIMultiDict[str] = CIMultiDict(request_headers)
-        self.apply(out, user_id)
-        shown = {self.user_id: user_id}
-        if self.litellm_end_user_id:
-            shown[LITELLM_END_USER_HEADER] = user_id
-        if self.supermemory_api_key:
-            shown[SUPERMEMORY_KEY_HEADER] = "<redacted>"
-        if self.conversation_id in out:
-            shown[self.conversation_id] = out[self.conversation_id]
-        return shown
-
-
-class Refusal(Exception):
-    """memproxy itself refuses the request, with this status and error code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-# The decisions that mean "no detector recognised this client".
-UNIDENTIFIED = frozenset({"default", "none"})
 
 
 class Forwarder:
@@ -163,92 +69,36 @@ class Forwarder:
         self.unavailable: Callable[[], str | None] | None = None
 
     def configure(self, settings: Settings, chain: DetectorChain) -> None:
-        """Take up a (re)loaded config: detectors, headers, trust and limits.
+        """Take up a (re)loaded config: the routing policy and the limits.
 
         No ``await`` in here, so a request sees either the old config or the
         new one, never a mix. The LiteLLM URL, the listen address and the
         timeouts belong to the running server and need a restart.
         """
-        injected = InjectedHeaders.from_settings(settings)
-        secret = settings.explicit_id.secret
+        self.policy = RoutingPolicy(settings, chain)
         self.settings = settings
-        self.chain = chain
         self.max_body_size = settings.max_body_size
-        self.injected = injected
-        self.trust = settings.explicit_id
-        self.unidentified = settings.unidentified
-        self._secret = secret.reveal() if secret else None
-        self._drop = injected.request_drop | {settings.explicit_id.secret_header}
 
-    def _observe(self, line: dict[str, object], headers: CIMultiDictProxy[str]) -> None:
+    def _observe(self, line: dict[str, object], request: web.Request) -> None:
         if self.metrics is not None:
             self.metrics.observe(line)
         detector = line.get("detector")
         if self.inbox is not None and detector in UNIDENTIFIED:
-            self.inbox.record(headers)
+            self.inbox.record(request.headers)
         if self.activity is not None and detector is not None:
             user_id = line.get("user_id")
-            label = (self.metrics.user_ids.label(user_id, str(detector))
+            label = (self.metrics.user_ids.label(user_id, str(detector),
+                                                 admit=succeeded(line.get("status")))
                      if self.metrics is not None and isinstance(user_id, str) else
                      str(user_id) if user_id is not None else "none")
             self.activity.record(label)
 
-    def explicit_id_allowed(self, request: web.BaseRequest) -> bool:
-        """Whether this client may choose its memory space with the explicit header."""
-        mode = self.trust.trust
-        if mode == "anyone":
-            return True
-        if mode == "secret":
-            given = request.headers.get(self.trust.secret_header, "")
-            return self._secret is not None and hmac.compare_digest(
-                given.encode("utf-8", "surrogateescape"), self._secret.encode())
-        if mode == "networks" and request.remote:
-            try:
-                address = ip_address(request.remote.partition("%")[0])
-            except ValueError:
-                return False
-            return any(address in network for network in self.trust.networks)
-        return False
-
-    def identify(self, request: web.BaseRequest) -> tuple[Decision, bool]:
-        """Whose memory the request belongs to, and whether to send memory headers at all.
-
-        Raises :class:`Refusal` for an explicit id the client may not set or
-        cannot use, and for unrecognised clients when the policy is ``refuse``.
-        """
-        headers = request.headers
-        custom = self.injected.custom_header
-        if custom in headers and not self.explicit_id_allowed(request):
-            raise Refusal(403, "explicit_id_not_allowed",
-                          f"this client may not choose its memory space with {custom} "
-                          f"(memproxy.explicit_id.trust is {self.trust.trust}); leave the "
-                          f"header out, or ask the operator to allow it")
-        try:
-            decision = self.chain.detect_user(headers)
-        except RejectedRequest as exc:
-            raise Refusal(400, "invalid_user_id", str(exc)) from None
-        if decision.detector in UNIDENTIFIED:
-            if self.unidentified == "refuse":
-                raise Refusal(403, "unidentified_client",
-                              f"memproxy could not tell which client this is, and this proxy "
-                              f"refuses unrecognised clients; send {custom}, or ask the "
-                              f"operator for a header_patterns rule")
-            if self.unidentified == "no_memory":
-                return decision, False
-        return decision, True
-
-    def upstream_headers(
-        self, headers_in: CIMultiDictProxy[str], user_id: str | None
-    ) -> CIMultiDict[str]:
-        """The headers LiteLLM gets: the client's, cleaned, plus the memory headers."""
-        headers = strip_hop_by_hop(headers_in, self._drop)
-        if user_id is not None:
-            self.injected.apply(headers, user_id)
-        return headers
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
+        # Every line logged while this request is handled (a failing detector, ...)
+        # carries its id; aiohttp runs each request in a task of its own context.
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         path = request.path
         dialect = dialect_of(path, request.headers)
         line: dict[str, object] = {
@@ -267,7 +117,7 @@ class Forwarder:
                 line["status"] = response.status
             line["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
             log_request(line)
-            self._observe(line, request.headers)
+            self._observe(line, request)
 
     async def _forward(
         self, request: web.Request, dialect: Dialect, line: dict[str, object]
@@ -279,13 +129,17 @@ class Forwarder:
             return error_response(dialect, 400, "memproxy only forwards paths to LiteLLM; "
                                   "send requests with a path such as /v1/chat/completions",
                                   "invalid_request_target")
+        policy = self.policy
+        headers, client = client_request(request.headers, path=request.path,
+                                         query_string=request.query_string,
+                                         remote=request.remote)
         try:
-            decision, with_memory = self.identify(request)
+            route = policy.route(client)
         except Refusal as exc:
             line["error"] = exc.code
             return error_response(dialect, exc.status, str(exc), exc.code)
-        line["user_id"] = decision.user_id if with_memory else None
-        line["detector"] = decision.detector
+        line["user_id"] = route.user_id
+        line["detector"] = route.decision.detector
 
         if self.unavailable is not None and (why := self.unavailable()) is not None:
             line["error"] = why
@@ -298,8 +152,7 @@ class Forwarder:
             line["error"] = "body too large"
             return self._too_large(dialect)
 
-        headers = self.upstream_headers(request.headers,
-                                        decision.user_id if with_memory else None)
+        policy.rewrite_headers(headers, route)
 
         body: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
@@ -345,7 +198,7 @@ class Forwarder:
 
         try:
             line["upstream_ms"] = round((time.perf_counter() - upstream_started) * 1000, 3)
-            return await self._relay(request, upstream, decision if with_memory else None,
+            return await self._relay(request, upstream, route,
                                      dialect, line, upstream_started)
         finally:
             upstream.release()
@@ -371,15 +224,15 @@ class Forwarder:
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
-        decision: Decision | None,
+        route: Route,
         dialect: Dialect,
         line: dict[str, object],
         upstream_started: float,
     ) -> web.StreamResponse:
         headers = strip_hop_by_hop(upstream.headers)
-        if decision is not None:
-            headers[USER_ID_RESPONSE_HEADER] = decision.user_id
-            headers[DETECTOR_RESPONSE_HEADER] = decision.detector
+        if route.user_id is not None:
+            headers[USER_ID_RESPONSE_HEADER] = route.user_id
+            headers[DETECTOR_RESPONSE_HEADER] = route.decision.detector
         line["status"] = upstream.status
         length = upstream.content_length
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")

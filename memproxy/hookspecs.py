@@ -26,10 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl
 
 import pluggy
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, MultiDict, MultiDictProxy
 
 if TYPE_CHECKING:
     from memproxy.config import Settings
@@ -45,10 +46,40 @@ class Detection:
     reason: str = ""
 
 
-#: What a built detector is: request headers in, a user id (or a
-#: :class:`Detection`, or ``None`` to pass) out. Called once per request, so
-#: do the expensive work (compiling patterns, reading options) in ``build``.
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """The request as LiteLLM will receive it, for detectors that need more than headers.
+
+    ``headers`` are the client's headers after hop-by-hop headers (and any
+    header named in ``Connection``) were removed: what memproxy forwards, so a
+    detector never decides on a header LiteLLM will not see.
+    """
+
+    headers: CIMultiDictProxy[str]
+    #: The path, percent-decoded, without the query string.
+    path: str = "/"
+    #: The raw query string (parsed on demand by :attr:`query`).
+    query_string: str = ""
+    #: The client's address, when known.
+    remote: str | None = None
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        """The query parameters; parsed on each use, as few detectors need them."""
+        if not self.query_string:
+            return _NO_QUERY
+        return MultiDictProxy(MultiDict(parse_qsl(self.query_string, keep_blank_values=True)))
+
+
+#: What a built detector is: request headers in, an answer out. Called once
+#: per request, so do the expensive work (compiling patterns, reading
+#: options) in ``build``. A detector declared with ``reads="request"`` is
+#: called with a :class:`ClientRequest` instead.
 DetectFunction = Callable[[CIMultiDictProxy[str]], "str | Detection | None"]
+RequestDetectFunction = Callable[[ClientRequest], "str | Detection | None"]
 
 
 class InvalidUserId(Exception):
@@ -80,7 +111,7 @@ class DetectorSpec:
     #: Default place in the chain: higher runs first. Config may override it.
     priority: int
     #: Called once at start-up (and on reload) to make the detect function.
-    build: Callable[[DetectorContext], DetectFunction]
+    build: Callable[[DetectorContext], DetectFunction | RequestDetectFunction]
     #: One line for the operator, shown by ``check-config`` and ``/memory-routing/info``.
     description: str = ""
     #: Whether the detector runs when the config does not mention it.
@@ -88,6 +119,10 @@ class DetectorSpec:
     #: Option names the detector understands; others are a config error.
     #: ``None`` accepts any option.
     options: frozenset[str] | None = field(default=None)
+    #: What the detect function is called with: the request ``headers`` (the
+    #: usual case), or the whole ``request`` (a :class:`ClientRequest`, with
+    #: path, query and the client's address).
+    reads: Literal["headers", "request"] = "headers"
 
 
 @hookspec

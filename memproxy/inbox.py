@@ -18,36 +18,60 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from memproxy.identifiers import check_id
 
 IDENTIFYING_HEADERS = ("user-agent", "x-app", "originator", "x-title",
                        "x-stainless-lang", "x-stainless-package-version")
 MAX_VALUE_LENGTH = 200
-_PRODUCT = re.compile(r"[^\s/;()]+")
+#: A product token of the ASCII characters tools use in their names ("Zed", "Go-http-client").
+_PRODUCT = re.compile(r"[A-Za-z0-9._+-]+")
 _SLUG = re.compile(r"[^a-z0-9._-]+")
+#: What a bare word may hold in a suggestion; YAML may still read it as a number or a bool.
+_BARE_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_YAML_STR = "tag:yaml.org,2002:str"
+_RESOLVER = yaml.resolver.Resolver()
 
 
 def suggest_rule(fingerprint: Mapping[str, str]) -> dict[str, str] | None:
-    """A ``header_patterns`` entry that would match this client, or ``None``."""
-    agent = fingerprint.get("user-agent")
-    if agent:
-        product = _PRODUCT.match(agent)
-        if product:
-            separator = "/" if agent[product.end():product.end() + 1] == "/" else ""
-            return {"header": "user-agent",
-                    "pattern": "^" + _escape(product.group()) + separator,
+    """A ``header_patterns`` entry for this client's tool, or ``None`` when none is safe.
+
+    The pattern holds printable ASCII only: YAML folds some other characters (U+2028,
+    U+0085) into spaces, and aiohttp hands invalid UTF-8 over as lone surrogates, which
+    YAML cannot read. It takes in the character after the product token, so a tool whose
+    name merely starts the same way does not match.
+    """
+    agent = fingerprint.get("user-agent", "")
+    product = _PRODUCT.match(agent)
+    if product:
+        after = agent[product.end():product.end() + 1]
+        if after and _printable_ascii(after):
+            end = _escape(after)
+        elif not after and len(agent) < MAX_VALUE_LENGTH:  # not cut short by the inbox
+            end = "$"
+        else:
+            end = ""
+        if end:
+            return {"header": "user-agent", "pattern": "^" + _escape(product.group()) + end,
                     "user_id": _slug(product.group())}
     for header in ("x-app", "originator", "x-title"):
-        value = fingerprint.get(header)
-        if value:
-            return {"header": header, "pattern": "^" + _escape(value) + "$",
+        value = fingerprint.get(header, "")
+        if value and _printable_ascii(value):
+            end = "$" if len(value) < MAX_VALUE_LENGTH else ""
+            return {"header": header, "pattern": "^" + _escape(value) + end,
                     "user_id": _slug(value)}
     return None
 
 
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
 def _escape(text: str) -> str:
-    # A dash needs no escape outside a character class; leaving it bare keeps rules readable.
-    return re.escape(text).replace("\\-", "-")
+    # Dashes and spaces need no escape (no character class, no verbose flag); bare, they
+    # keep rules readable.
+    return re.escape(text).replace("\\-", "-").replace("\\ ", " ")
 
 
 def _slug(text: str) -> str:
@@ -58,7 +82,21 @@ def _slug(text: str) -> str:
 def rule_as_yaml(rule: Mapping[str, str]) -> str:
     """One line to paste under ``user_id_mappings.header_patterns``."""
     pattern = rule["pattern"].replace("'", "''")
-    return f"- {{header: {rule['header']}, pattern: '{pattern}', user_id: {rule['user_id']}}}"
+    return (f"- {{header: {_yaml_text(rule['header'])}, pattern: '{pattern}', "
+            f"user_id: {_yaml_text(rule['user_id'])}}}")
+
+
+def _yaml_text(text: str) -> str:
+    """``text`` as YAML reads it back as that text: bare when it can be, else quoted.
+
+    Bare ``yes``, ``null``, ``123`` or ``0x1f`` would come back as a bool, nothing or a
+    number, which the config refuses as a user id.
+    """
+    # The loader's own resolver, asked as for a bare scalar; the stubs leave it untyped.
+    if _BARE_WORD.fullmatch(text) and _RESOLVER.resolve(  # type: ignore[no-untyped-call]
+            yaml.ScalarNode, text, (True, False)) == _YAML_STR:
+        return text
+    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass

@@ -4,7 +4,9 @@ Label sets stay bounded: user ids decided by ``header_patterns`` or
 ``default`` come from the config, so they are always used as labels; ids from
 other detectors (explicit header, API-key hash, plugins) can be unbounded, so
 only the first ``max_user_ids`` distinct ones get a label of their own and the
-rest are counted as ``other``. With ``serve --workers N`` the workers write to
+rest are counted as ``other``. An id is only admitted to a label of its own by
+a request that LiteLLM answered with success, so clients making up keys or ids
+that LiteLLM refuses cannot use up the label slots. With ``serve --workers N`` the workers write to
 a shared directory (prometheus-client's multiprocess mode) and any worker's
 ``/metrics`` reports the sum over all of them.
 """
@@ -46,6 +48,11 @@ def status_class(status: object) -> str:
     return f"{status}"[0] + "xx" if isinstance(status, int) else "none"
 
 
+def succeeded(status: object) -> bool:
+    """Whether LiteLLM answered the request with success (2xx)."""
+    return isinstance(status, int) and 200 <= status < 300
+
+
 class UserIdLabels:
     """Maps user ids to a bounded set of label values."""
 
@@ -53,12 +60,13 @@ class UserIdLabels:
         self.max_user_ids = max_user_ids
         self._admitted: set[str] = set()
 
-    def label(self, user_id: str | None, detector: str | None) -> str:
+    def label(self, user_id: str | None, detector: str | None, *, admit: bool = True) -> str:
+        """The label for ``user_id``; a new unbounded id gets one only when ``admit``."""
         if user_id is None:
             return "none"
         if detector in CONFIG_BOUNDED_DETECTORS or user_id in self._admitted:
             return user_id
-        if len(self._admitted) < self.max_user_ids:
+        if admit and len(self._admitted) < self.max_user_ids:
             self._admitted.add(user_id)
             return user_id
         return OTHER
@@ -103,8 +111,10 @@ class Metrics:
         detector = line.get("detector")
         detector = detector if isinstance(detector, str) else None
         user_id = line.get("user_id")
-        key = (self.user_ids.label(user_id if isinstance(user_id, str) else None, detector),
-               detector or "none", status_class(line.get("status")), route)
+        status = line.get("status")
+        key = (self.user_ids.label(user_id if isinstance(user_id, str) else None, detector,
+                                   admit=succeeded(status)),
+               detector or "none", status_class(status), route)
         counter = self._request_counters.get(key)
         if counter is None:
             counter = self._request_counters[key] = self.requests.labels(*key)

@@ -33,7 +33,7 @@ class ReloadResult:
 def reload_config(forwarder: Forwarder, extra_plugins: Sequence[object] = ()) -> ReloadResult:
     """Load the config file again and hand it to ``forwarder``; keep the old one on error."""
     running = forwarder.settings
-    chain_now = [f"{link.name}:{link.priority}" for link in forwarder.chain.links]
+    chain_now = [f"{link.name}:{link.priority}" for link in forwarder.policy.chain.links]
     if running.path is None:
         return ReloadResult(False, "memproxy was started without a config file; nothing to "
                                    "reload", chain_now)

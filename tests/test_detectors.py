@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from memproxy import Detection, DetectorContext, DetectorSpec, hookimpl
+from memproxy import ClientRequest, Detection, DetectorContext, DetectorSpec, hookimpl
 from memproxy.config import ConfigError, parse_settings
 from memproxy.detection import (
     Decision,
@@ -35,7 +35,7 @@ def chain_for(config: dict[str, Any], *plugins: object) -> DetectorChain:
 
 def detect(chain: DetectorChain, **headers: str) -> Decision:
     items = CIMultiDict((k.replace("_", "-"), v) for k, v in headers.items())
-    return chain.detect_user(CIMultiDictProxy(items))
+    return chain.detect_user(ClientRequest(CIMultiDictProxy(items)))
 
 
 BASE: dict[str, Any] = {"user_id_mappings": {"header_patterns": PATTERNS}}

@@ -132,7 +132,9 @@ user_id_mappings:
     - {{header: user-agent, pattern: '^OpenAIClient(Async)?Impl/Java', user_id: jetbrains}}
 memproxy:
   detectors:
-    api_key_hash: {{enabled: {str(api_key_hash).lower()}, options: {{secret: "{HASH_SECRET}"}}}}
+    api_key_hash:
+      enabled: {str(api_key_hash).lower()}
+      options: {{secret: "{HASH_SECRET}", per_tool: true}}
 """
 
 
@@ -264,8 +266,8 @@ def test_each_detection_path_reaches_the_provider(
     call = CALLS[name]
     cases: list[tuple[str | None, dict[str, str], str]] = [
         (None, {"x-memory-user-id": "alice"}, "alice"),
-        (CLAUDE_CODE_UA, {}, "claude-code"),
-        (JAVA_UA, {}, "jetbrains"),
+        (CLAUDE_CODE_UA, {}, key_hash(with_memory.key) + ":claude-code"),
+        (JAVA_UA, {}, key_hash(with_memory.key) + ":jetbrains"),
         (None, {}, key_hash(with_memory.key)),
         (None, {"x-sm-user-id": "mallory"}, key_hash(with_memory.key)),
     ]

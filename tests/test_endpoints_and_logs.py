@@ -29,7 +29,9 @@ CONFIG: dict[str, Any] = {
         {"header": "user-agent", "pattern": "^claude-cli/", "user_id": "claude-code"}]},
     "memproxy": {
         "headers": {"supermemory_api_key": SM_KEY},
-        "detectors": {"api_key_hash": {"enabled": True, "options": {"secret": HASH_SECRET}}},
+        # Below header_patterns, so a recognised tool is named by its pattern.
+        "detectors": {"api_key_hash": {"enabled": True, "priority": 50,
+                                       "options": {"secret": HASH_SECRET}}},
     },
 }
 

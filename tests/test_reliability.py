@@ -7,7 +7,6 @@ import string
 import time
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
@@ -17,8 +16,8 @@ from multidict import CIMultiDict
 
 from memproxy.config import parse_settings
 from memproxy.detection import build_detector_chain
-from memproxy.forwarding import HOP_BY_HOP, Forwarder, Refusal
 from memproxy.identifiers import is_valid_id
+from memproxy.routing import HOP_BY_HOP, Refusal, RoutingPolicy, client_request
 from tests.conftest import FakeLiteLLM, ProxyFactory
 
 SECRET = "explicit-id-shared-secret-0001"
@@ -262,12 +261,12 @@ async def test_unknown_methods_are_forwarded_as_they_are(
 
 # -- properties of header hygiene ---------------------------------------------------------
 
-def make_forwarder(**memproxy: Any) -> Forwarder:
+def make_policy(**memproxy: Any) -> RoutingPolicy:
     config = {"user_id_mappings": {"header_patterns": [
         {"header": "user-agent", "pattern": "^claude-cli/", "user_id": "claude-code"}]},
         "memproxy": memproxy}
     settings = parse_settings(config)
-    return Forwarder(settings, build_detector_chain(settings, entry_points=False))
+    return RoutingPolicy(settings, build_detector_chain(settings, entry_points=False))
 
 
 HEADER_NAMES = st.sampled_from([
@@ -290,19 +289,19 @@ HEADER_VALUES = st.one_of(
 def test_any_client_headers_give_exactly_one_valid_user_id_and_no_explicit_header(
     headers: list[tuple[str, str]], policy: str
 ) -> None:
-    forwarder = make_forwarder(unidentified=policy)
+    routing = make_policy(unidentified=policy)
     request = make_mocked_request("POST", "/v1/chat/completions", headers=CIMultiDict(headers))
+    out, client = client_request(request.headers, remote="127.0.0.1")
     try:
-        decision, with_memory = forwarder.identify(request)
+        route = routing.route(client)
     except Refusal as exc:
         assert exc.status in (400, 403)
         return
-    out = forwarder.upstream_headers(request.headers,
-                                     decision.user_id if with_memory else None)
+    routing.rewrite_headers(out, route)
     sent_ids = out.getall("x-sm-user-id", [])
-    if with_memory:
+    if route.with_memory:
         assert len(sent_ids) == 1 and is_valid_id(sent_ids[0])
-        assert decision.user_id == sent_ids[0]
+        assert route.user_id == sent_ids[0]
     else:
         assert sent_ids == []
     assert "x-memory-user-id" not in out
@@ -310,7 +309,10 @@ def test_any_client_headers_give_exactly_one_valid_user_id_and_no_explicit_heade
     for name in out:
         assert name.lower() not in HOP_BY_HOP
     client_conversation = [v for n, v in headers if n.lower() == "x-sm-conversation-id"]
-    if client_conversation:
+    if not route.with_memory:
+        # Nothing may tie a request without memory to a memory space.
+        assert "x-sm-conversation-id" not in out
+    elif client_conversation:
         assert out.getall("x-sm-conversation-id") == client_conversation
     else:
         assert all(is_valid_id(v) for v in out.getall("x-sm-conversation-id", []))

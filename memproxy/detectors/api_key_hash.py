@@ -4,6 +4,16 @@ The id is ``prefix + hex(HMAC-SHA256(secret, key))`` cut to ``length`` hex
 digits. The secret makes ids impossible to precompute from a list of likely
 keys; sharing it between replicas makes every replica give the same id for
 the same key. Off unless enabled in the config.
+
+The key hashed is exactly the one LiteLLM will authenticate the request with:
+:func:`litellm_api_key` follows LiteLLM's own precedence and parsing, on the
+headers as memproxy forwards them. Hashing any other credential would let a
+client authenticate as itself while filing its conversations under someone
+else's key.
+
+With ``per_tool: true`` the id also names the tool (from
+``user_id_mappings.header_patterns``), so one person's Claude Code and their
+scripts keep separate memories: ``key-3f2a...:claude-code``.
 """
 
 from __future__ import annotations
@@ -11,29 +21,86 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
+from collections.abc import Mapping
 
-from multidict import CIMultiDictProxy
-
-from memproxy import DetectFunction, Detection, DetectorContext, DetectorSpec, hookimpl
-from memproxy.config import ConfigError
-from memproxy.identifiers import check_id
+from memproxy import (
+    ClientRequest,
+    ConfigError,
+    Detection,
+    DetectorContext,
+    DetectorSpec,
+    RequestDetectFunction,
+    hookimpl,
+)
+from memproxy.detectors.header_patterns import rule_matcher
+from memproxy.identifiers import MAX_ID_LENGTH, check_id
 
 SECRET_ENV = "MEMPROXY_HASH_SECRET"
 MIN_SECRET_LENGTH = 16
 KEY = "memproxy.detectors.api_key_hash.options"
+TOOL_SEPARATOR = ":"
+
+# The headers LiteLLM 1.108 reads a key from, after x-litellm-api-key and Authorization, in
+# its order (litellm/proxy/auth/user_api_key_auth.py, get_api_key): Azure's, Anthropic's,
+# Google AI Studio's and Azure APIM's. Their values are the key itself.
+_PLAIN_KEY_HEADERS = ("api-key", "x-api-key", "x-goog-api-key", "ocp-apim-subscription-key")
+_AWS_BEARER = re.compile(r"Credential=Bearer\s+([^/\s,]+)")
+_AWS_CREDENTIAL = re.compile(r"Credential=([^/\s,]+)")
 
 
-def api_key_of(headers: CIMultiDictProxy[str]) -> str | None:
-    """The client's API key from ``Authorization: Bearer``, ``x-api-key`` or ``api-key``."""
-    auth = headers.get("authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        key = auth[7:].strip()
-        if key:
-            return key
-    return headers.get("x-api-key") or headers.get("api-key") or None
+def _bearer_token(value: str, *, unknown_scheme_is_key: bool) -> str:
+    """LiteLLM's ``get_bearer_token``, including its use of ``str.replace``."""
+    if value.startswith("Bearer "):
+        return value.replace("Bearer ", "")
+    if value.startswith("Basic "):
+        return value.replace("Basic ", "")
+    if value.startswith("bearer "):
+        return value.replace("bearer ", "")
+    if value.startswith("AWS4-HMAC-SHA256"):
+        match = _AWS_BEARER.search(value) or _AWS_CREDENTIAL.search(value)
+        return match.group(1) if match else ("" if not unknown_scheme_is_key else value)
+    return value if unknown_scheme_is_key else ""
 
 
-def build(ctx: DetectorContext) -> DetectFunction:
+def litellm_api_key(request: ClientRequest, custom_header: str | None = None) -> str | None:
+    """The API key LiteLLM will check for this request, or ``None`` when there is none.
+
+    LiteLLM takes the first non-empty of: ``x-litellm-api-key`` (a Bearer/Basic
+    prefix removed, otherwise the value as it is), ``Authorization`` (only
+    Bearer, Basic and AWS SigV4 forms yield a key), ``API-Key``, ``x-api-key``,
+    ``x-goog-api-key``, ``Ocp-Apim-Subscription-Key``, and ``?key=`` on Google
+    ``generateContent`` routes. A header named by
+    ``general_settings.litellm_key_header_name`` overrides them all (its last
+    value, parsed like ``Authorization``). Repeated headers count by their
+    first value, as in LiteLLM.
+    """
+    headers = request.headers
+    key: str | None = None
+    if value := headers.get("x-litellm-api-key"):
+        key = _bearer_token(value, unknown_scheme_is_key=True)
+    elif value := headers.get("authorization"):
+        key = _bearer_token(value, unknown_scheme_is_key=False)
+    else:
+        for name in _PLAIN_KEY_HEADERS:
+            if value := headers.get(name):
+                key = value
+                break
+        else:
+            if "generateContent" in request.path and (value := request.query.get("key")):
+                key = value
+    if custom_header is not None and (values := headers.getall(custom_header, ())):
+        key = _bearer_token(values[-1], unknown_scheme_is_key=False)
+    return key or None
+
+
+def _custom_key_header(litellm_sections: Mapping[str, object]) -> str | None:
+    general = litellm_sections.get("general_settings")
+    name = general.get("litellm_key_header_name") if isinstance(general, Mapping) else None
+    return name.lower() if isinstance(name, str) and name else None
+
+
+def build(ctx: DetectorContext) -> RequestDetectFunction:
     options = ctx.options
     secret = options.get("secret") or os.environ.get(SECRET_ENV)
     if not isinstance(secret, str) or len(secret) < MIN_SECRET_LENGTH:
@@ -51,15 +118,31 @@ def build(ctx: DetectorContext) -> DetectFunction:
     if isinstance(length, bool) or not isinstance(length, int) or not 8 <= length <= 64:
         raise ConfigError(f"{KEY}.length", f"must be a whole number from 8 to 64, got {length!r}",
                           "16 hex digits (64 bits) is plenty for telling keys apart")
+    per_tool = options.get("per_tool", False)
+    if not isinstance(per_tool, bool):
+        raise ConfigError(f"{KEY}.per_tool", f"must be true or false, got {per_tool!r}")
+    if per_tool:
+        longest = max((len(rule.user_id) for rule in ctx.settings.header_patterns), default=0)
+        if len(prefix) + length + len(TOOL_SEPARATOR) + longest > MAX_ID_LENGTH:
+            raise ConfigError(f"{KEY}.length", f"ids with per_tool would be longer than "
+                              f"{MAX_ID_LENGTH} characters", "use a shorter prefix, length or "
+                              "header_patterns user_id")
+    tool_of = rule_matcher(ctx.settings) if per_tool else None
+    custom_header = _custom_key_header(ctx.settings.litellm_sections)
     key_bytes = secret.encode()
 
-    def detect(headers: CIMultiDictProxy[str]) -> Detection | None:
-        api_key = api_key_of(headers)
+    def detect(request: ClientRequest) -> Detection | None:
+        api_key = litellm_api_key(request, custom_header)
         if api_key is None:
             return None
         digest = hmac.new(key_bytes, api_key.encode("utf-8", "surrogateescape"),
                           hashlib.sha256).hexdigest()
-        return Detection(prefix + digest[:length], "keyed hash of the request's API key")
+        user_id = prefix + digest[:length]
+        tool = tool_of(request.headers) if tool_of is not None else None
+        if tool is None:
+            return Detection(user_id, "keyed hash of the request's API key")
+        return Detection(user_id + TOOL_SEPARATOR + tool.user_id,
+                         f"keyed hash of the request's API key, and the tool ({tool.reason})")
 
     return detect
 
@@ -67,7 +150,7 @@ def build(ctx: DetectorContext) -> DetectFunction:
 @hookimpl
 def memproxy_detectors() -> list[DetectorSpec]:
     return [DetectorSpec(
-        name="api_key_hash", priority=50, build=build, enabled_by_default=False,
-        options=frozenset({"secret", "prefix", "length"}),
-        description="keyed hash (HMAC-SHA256) of the client's API key",
+        name="api_key_hash", priority=90, build=build, enabled_by_default=False,
+        options=frozenset({"secret", "prefix", "length", "per_tool"}), reads="request",
+        description="keyed hash (HMAC-SHA256) of the API key LiteLLM checks",
     )]

@@ -2,7 +2,9 @@
 
 The header name comes from ``user_id_mappings.custom_header``. A value that is
 present but unusable (too long, control characters, ...) refuses the request
-with 400 instead of silently landing in another memory space.
+with 400 instead of silently landing in another memory space, and so does the
+header sent twice with different values: an ambiguous identity is never
+resolved by guessing.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ def build(ctx: DetectorContext) -> DetectFunction:
     header = ctx.settings.custom_header
 
     def detect(headers: CIMultiDictProxy[str]) -> str | None:
-        value = headers.get(header)
-        if value is None:
+        values = headers.getall(header, ())
+        if not values:
             return None
-        value = value.strip()
+        value = values[0].strip()
+        if any(other.strip() != value for other in values[1:]):
+            raise InvalidUserId(f"the {header} header was sent {len(values)} times with "
+                                "different values; send it once")
         problem = check_id(value)
         if problem:
             raise InvalidUserId(f"the {header} header is not a valid user id: {problem}")

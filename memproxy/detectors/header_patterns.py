@@ -6,26 +6,37 @@ the order the config lists them; the first that matches names the user.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from multidict import CIMultiDictProxy
 
 from memproxy import DetectFunction, Detection, DetectorContext, DetectorSpec, hookimpl
+from memproxy.config import Settings
+
+#: Finds the first rule that matches a request's headers.
+RuleMatcher = Callable[[CIMultiDictProxy[str]], Detection | None]
 
 
-def build(ctx: DetectorContext) -> DetectFunction:
+def rule_matcher(settings: Settings) -> RuleMatcher:
+    """The configured rules as one function; ``api_key_hash`` uses it to name the tool."""
     rules = tuple(
         (rule.header, rule.pattern.search, rule.user_id,
          f"{rule.header} matches {rule.pattern.pattern!r}")
-        for rule in ctx.settings.header_patterns
+        for rule in settings.header_patterns
     )
 
-    def detect(headers: CIMultiDictProxy[str]) -> Detection | None:
+    def match(headers: CIMultiDictProxy[str]) -> Detection | None:
         for header, search, user_id, reason in rules:
             for value in headers.getall(header, ()):
                 if search(value):
                     return Detection(user_id, reason)
         return None
 
-    return detect
+    return match
+
+
+def build(ctx: DetectorContext) -> DetectFunction:
+    return rule_matcher(ctx.settings)
 
 
 @hookimpl

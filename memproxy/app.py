@@ -25,7 +25,7 @@ from memproxy.endpoints import (
     status_page_handler,
     unmatched_handler,
 )
-from memproxy.forwarding import Forwarder
+from memproxy.forwarding import SMALL_BODY, Forwarder
 from memproxy.inbox import UnmatchedInbox
 from memproxy.metrics import Metrics
 from memproxy.reload import reload_config
@@ -57,9 +57,14 @@ def create_app(
     metrics = Metrics()
     forwarder = Forwarder(settings, chain, metrics=metrics, inbox=UnmatchedInbox(),
                           activity=ActivityWindow())
-    app = web.Application(client_max_size=settings.max_body_size,
+    # memproxy.max_body_size is the Forwarder's to enforce (it follows a reload); the
+    # Forwarder reads bodies piece by piece, so aiohttp's own limit only bounds the
+    # endpoints memproxy answers itself. The handler arguments reach every server the
+    # app runs in, the tests' included.
+    app = web.Application(client_max_size=SMALL_BODY,
                           handler_args={"max_line_size": MAX_LINE_SIZE,
-                                        "max_field_size": MAX_FIELD_SIZE})
+                                        "max_field_size": MAX_FIELD_SIZE,
+                                        "keepalive_timeout": settings.timeouts.keepalive})
     app[FORWARDER] = forwarder
     app[STARTED] = time.monotonic()
     app[RELOAD] = lambda: reload_config(forwarder, extra_plugins)
@@ -80,7 +85,7 @@ def create_app(
     app.router.add_get("/health", health_handler)
     app.router.add_get("/metrics", admin_only(
         metrics_handler, settings_of, open_to_anyone=lambda admin: admin.metrics == "anyone"))
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=forwarder.expect)
     return app
 
 

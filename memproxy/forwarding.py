@@ -40,10 +40,16 @@ SMALL_BODY = 1024 * 1024
 USER_ID_RESPONSE_HEADER = "x-memproxy-user-id"
 DETECTOR_RESPONSE_HEADER = "x-memproxy-detector"
 RETRY_AFTER_SECONDS = "2"
+# The one expectation memproxy meets itself (RFC 9110, section 10.1.1).
+CONTINUE = "100-continue"
 
 
 class BodyTooLarge(Exception):
     """The client's body went past ``max_body_size`` while it was streamed."""
+
+
+class BodyTimeout(Exception):
+    """The client went silent for longer than ``timeouts.request_body`` inside its body."""
 
 
 class Forwarder:
@@ -153,13 +159,28 @@ class Forwarder:
             return self._too_large(dialect)
 
         policy.rewrite_headers(headers, route)
+        if hdrs.EXPECT in headers:
+            # LiteLLM gets the expectations memproxy does not know; 100-continue is
+            # between memproxy and the client (see _send_continue).
+            kept = [v for v in headers.getall(hdrs.EXPECT) if v.strip().lower() != CONTINUE]
+            del headers[hdrs.EXPECT]
+            for value in kept:
+                headers.add(hdrs.EXPECT, value)
 
         body: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
             body = None
             line["bytes_in"] = 0
         elif length is not None and length <= SMALL_BODY:
-            body = await request.read()
+            await self._send_continue(request)
+            chunks = []
+            try:
+                while chunk := await self._next_chunk(request):
+                    chunks.append(chunk)
+            except BodyTimeout:
+                line["error"] = "client body timeout"
+                return self._too_slow(dialect)
+            body = b"".join(chunks)
             line["bytes_in"] = len(body)
         else:
             body = self._stream_body(request, line)
@@ -190,6 +211,9 @@ class Forwarder:
             if _caused_by(exc, BodyTooLarge):
                 line["error"] = "body too large"
                 return self._too_large(dialect)
+            if _caused_by(exc, BodyTimeout):  # aiohttp has dropped the upstream connection
+                line["error"] = "client body timeout"
+                return self._too_slow(dialect)
             line["error"] = f"upstream: {type(exc).__name__}"
             return error_response(
                 dialect, 502, f"LiteLLM closed the connection before answering "
@@ -209,11 +233,53 @@ class Forwarder:
             f"{self.max_body_size} bytes (memproxy.max_body_size)", "request_too_large",
         )
 
+    def _too_slow(self, dialect: Dialect) -> web.Response:
+        response = error_response(
+            dialect, 408, f"the request body stalled for more than "
+            f"{self.settings.timeouts.request_body:g} seconds "
+            f"(memproxy.timeouts.request_body)", "request_timeout",
+        )
+        response.force_close()  # the rest of the body is not worth waiting for
+        return response
+
+    async def expect(self, request: web.Request) -> None:
+        """aiohttp's ``Expect`` hook, which does nothing: ``_forward`` deals with Expect.
+
+        aiohttp's own hook answers 100-continue before memproxy has looked at the
+        request, and refuses every other expectation.
+        """
+
+    async def _send_continue(self, request: web.Request) -> None:
+        """Tell a client that waits with ``Expect: 100-continue`` to send its body now.
+
+        Called only once memproxy will take the body: a client refused earlier
+        never sends it.
+        """
+        if request.version >= aiohttp.HttpVersion11 and any(
+                value.strip().lower() == CONTINUE
+                for value in request.headers.getall(hdrs.EXPECT, ())):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # An interim answer: for aiohttp the response has not begun.
+            request.writer.output_size = 0
+
+    async def _next_chunk(self, request: web.Request) -> bytes:
+        """The client's next body bytes, ``b""`` at the end.
+
+        Raises :class:`BodyTimeout` when none come for ``timeouts.request_body``
+        seconds, so a client that stalls cannot hold memproxy and LiteLLM open.
+        """
+        try:
+            async with asyncio.timeout(self.settings.timeouts.request_body):
+                return await request.content.readany()
+        except TimeoutError:
+            raise BodyTimeout() from None
+
     async def _stream_body(
         self, request: web.Request, line: dict[str, object]
     ) -> AsyncIterator[bytes]:
+        await self._send_continue(request)
         seen = 0
-        async for chunk in request.content.iter_any():
+        while chunk := await self._next_chunk(request):
             seen += len(chunk)
             line["bytes_in"] = seen
             if seen > self.max_body_size:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, WrappedLogger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
@@ -126,8 +129,96 @@ def _json_request_writer(
     return write
 
 
+#: The standard-library loggers of aiohttp's server and of the event loop.
+SERVER_LOGGERS = ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal",
+                  "asyncio")
+# What went wrong in a request aiohttp could not parse, by exception class (the first
+# found along the class's MRO).
+_HTTP_ERRORS = {
+    "BadHttpMethod": "not an HTTP request, or an unknown method",
+    "BadStatusLine": "malformed request line",
+    "LineTooLong": "request line or header too long",
+    "InvalidHeader": "malformed header",
+    "InvalidURLError": "malformed request target",
+    "ContentLengthError": "body shorter than its Content-Length",
+    "TransferEncodingError": "malformed chunked body",
+    "ContentEncodingError": "body does not match its Content-Encoding",
+    "DecompressSizeError": "body too large once decompressed",
+    "BadHttpMessage": "malformed HTTP message",
+}
+# Where a message its caller formatted may start quoting data.
+_QUOTED = re.compile(r"""[:<(\[{'"=%?\n]""")
+
+
+class ServerLogHandler(logging.Handler):
+    """Writes the records of aiohttp's and asyncio's loggers as memproxy's log lines.
+
+    Their text can hold raw request bytes: aiohttp's parse errors quote the
+    offending line (an ``Authorization`` header, a ``?key=`` query), and the
+    traceback repeats it. So each record becomes one line of fixed wording:
+    the exception's class and where it was raised, never its message or the
+    traceback.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            exc = record.exc_info[1] if record.exc_info else None
+            fields: dict[str, object] = {"logger": record.name}
+            if isinstance(exc, HttpProcessingError):
+                event = "http_error"
+                level = logging.WARNING  # the client's mistake, not memproxy's
+                fields["error"] = type(exc).__name__
+                fields["status"] = exc.code
+                fields["description"] = next(
+                    (_HTTP_ERRORS[kind.__name__] for kind in type(exc).__mro__
+                     if kind.__name__ in _HTTP_ERRORS), "HTTP protocol error")
+            else:
+                event = ("server_error" if exc is not None or record.levelno >= logging.ERROR
+                         else "server_log")
+                fields["description"] = _fixed_text(record)
+                if exc is not None:
+                    fields["error"] = type(exc).__name__
+                    fields["where"] = _raised_at(exc)
+                level = record.levelno
+            log.log(_standard_level(level), event, **fields)
+        except Exception:
+            # logging's own report (handleError) would print the record's raw text.
+            pass
+
+
+def _fixed_text(record: logging.LogRecord) -> str:
+    """The record's wording without the data it carries."""
+    text = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+    if not record.args:  # formatted by the caller: keep what comes before any quoted data
+        text = _QUOTED.split(text, maxsplit=1)[0]
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def _raised_at(exc: BaseException) -> str | None:
+    """``file:line in function`` of the innermost frame of ``exc``'s traceback."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{Path(code.co_filename).name}:{tb.tb_lineno} in {code.co_name}"
+
+
+def _standard_level(levelno: int) -> int:
+    for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if levelno >= level:
+            return level
+    return logging.DEBUG
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Configure structlog for the process; ``auto`` means JSON unless stdout is a terminal."""
+    """Configure structlog for the process; ``auto`` means JSON unless stdout is a terminal.
+
+    The HTTP server's and the event loop's stdlib loggers write through it too
+    (see :class:`ServerLogHandler`), and nowhere else.
+    """
     if log_format == "auto":
         log_format = "console" if sys.stdout.isatty() else "json"
     renderer: Any
@@ -156,6 +247,17 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         _request_writer = _json_request_writer(factory(), timestamp)
     else:
         _request_writer = _log_request_with_structlog
+    handler = ServerLogHandler()
+    for name in SERVER_LOGGERS:
+        stdlib_logger = logging.getLogger(name)
+        for old in [h for h in stdlib_logger.handlers if isinstance(h, ServerLogHandler)]:
+            stdlib_logger.removeHandler(old)
+        stdlib_logger.addHandler(handler)
+        # Not to the root logger's handlers either, nor to logging's last resort.
+        stdlib_logger.propagate = False
+        # memproxy's own request line is the access log: aiohttp's would only repeat it.
+        stdlib_logger.setLevel(max(_LEVELS[level], logging.WARNING) if name == "aiohttp.access"
+                               else _LEVELS[level])
 
 
 def _ignore(line: dict[str, object]) -> None:

@@ -19,8 +19,8 @@ from memproxy.forwarding import Forwarder
 log = structlog.get_logger("memproxy")
 
 # Settings that belong to the running server: a reload notes them but cannot apply them.
-RESTART_ONLY = ("host", "port", "litellm_url", "timeouts", "log_format", "log_level",
-                "event_loop")
+RESTART_ONLY = ("host", "port", "litellm_url", "timeouts", "max_header_size", "log_format",
+                "log_level", "event_loop")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ class InjectedHeaders:
     @property
     def request_drop(self) -> frozenset[str]:
         """Client headers never passed on: memproxy owns them, or they are per-hop."""
-        owned = {self.user_id, self.custom_header, SUPERMEMORY_KEY_HEADER, "host", "expect"}
+        owned = {self.user_id, self.custom_header, SUPERMEMORY_KEY_HEADER, "host"}
         if self.litellm_end_user_id:
             owned.add(LITELLM_END_USER_HEADER)
         return frozenset(owned)

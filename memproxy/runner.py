@@ -18,10 +18,26 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
+from memproxy.server import HeadLimits, LimitedAppRunner
+
 log = structlog.get_logger("memproxy")
 
 #: The signals memproxy handles; once it has shut down, they are ignored.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+def make_runner(
+    app: web.Application, *, grace: float, request_head: float, max_header_size: int
+) -> web.AppRunner:
+    """The runner memproxy serves ``app`` with.
+
+    Each request head must arrive within ``request_head`` seconds and fit in
+    ``max_header_size`` bytes (see :mod:`memproxy.server`); the keep-alive
+    time comes with ``app`` itself.
+    """
+    return LimitedAppRunner(app, limits=HeadLimits(request_head, max_header_size),
+                            handler_cancellation=True, access_log=None,
+                            shutdown_timeout=grace)
 
 
 async def serve_until_signalled(
@@ -30,13 +46,15 @@ async def serve_until_signalled(
     port: int,
     *,
     grace: float,
+    request_head: float,
+    max_header_size: int,
     on_ready: Callable[[], None] | None = None,
     reuse_port: bool = False,
     on_hangup: Callable[[], object] | None = None,
 ) -> None:
     """Run ``app`` on ``host:port``; return after a signal and a graceful shutdown."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=grace)
+    runner = make_runner(app, grace=grace, request_head=request_head,
+                         max_header_size=max_header_size)
     stop = asyncio.Event()
 
     def on_signal() -> None:

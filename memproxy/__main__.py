@@ -130,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(args)
         return explain(args)
-    except (ConfigError, PluginError) as exc:
-        print(f"memproxy: {_where(args)}{exc}", file=sys.stderr)
+    except PluginError as exc:
+        print(f"memproxy: plugin error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"memproxy: {_where(args, exc)}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except LiteLLMStartError as exc:
         print(f"memproxy: cannot start LiteLLM: {exc}", file=sys.stderr)
@@ -148,7 +151,15 @@ def start_proxies() -> int:
     return main(["start", *sys.argv[1:]])
 
 
-def _where(args: argparse.Namespace) -> str:
+def _where(args: argparse.Namespace, exc: ConfigError) -> str:
+    """The prefix naming the config file, for a mistake made in it.
+
+    A mistake in a command-line flag (``--workers``, ``--rule``, ``-H``) or in an
+    environment variable (``LITELLM_BASE_URL``) has that name as its key, which is
+    all the message needs.
+    """
+    if exc.key.startswith("-") or exc.key.isupper():
+        return ""
     path, _ = resolve_config_path(getattr(args, "config", None))
     return f"config error in {path}: " if path else "config error: "
 
@@ -159,11 +170,11 @@ def _load(args: argparse.Namespace, **overrides: object) -> tuple[Settings, Dete
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.workers < 1:  # a flag mistake: reported before the config is read
+        raise ConfigError("--workers", f"must be 1 or more, got {args.workers}")
     settings, chain = _load(args, host=args.host, port=args.port, litellm_url=args.litellm_url)
     configure_logging(settings.log_format, settings.log_level)
     log = structlog.get_logger("memproxy")
-    if args.workers < 1:
-        raise ConfigError("--workers", f"must be 1 or more, got {args.workers}")
     if args.workers > 1:
         if settings.port == 0:
             raise ConfigError("--port", "several workers need a fixed port, not 0")
@@ -200,7 +211,10 @@ def _run(app: web.Application, settings: Settings, grace: float,
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
             try:
                 runner.run(serve_until_signalled(app, settings.host, settings.port,
-                                                 grace=grace, on_ready=on_ready,
+                                                 grace=grace,
+                                                 request_head=settings.timeouts.request_head,
+                                                 max_header_size=settings.max_header_size,
+                                                 on_ready=on_ready,
                                                  reuse_port=reuse_port,
                                                  on_hangup=app[RELOAD]))
             finally:

@@ -86,11 +86,17 @@ class DetectorSettings:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds; ``None`` means no limit."""
+    """Seconds; ``None`` means no limit (only LiteLLM's side may go without one)."""
 
     connect: float | None = 10.0
     between_chunks: float | None = 600.0
     total: float | None = None
+    #: From a request's first byte to the end of its headers.
+    request_head: float = 10.0
+    #: How long an idle client connection stays open.
+    keepalive: float = 60.0
+    #: The longest silence while a client sends its body.
+    request_body: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +160,8 @@ class Settings:
     headers: HeaderSettings = field(default_factory=HeaderSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_size: int = 256 * 1024 * 1024
+    #: Request line and headers together, in bytes.
+    max_header_size: int = 256 * 1024
     explicit_id: ExplicitIdTrust = field(default_factory=ExplicitIdTrust)
     admin: AdminAccess = field(default_factory=AdminAccess)
     #: What to do with requests only the default detector recognised.
@@ -173,13 +181,14 @@ LITELLM_SECTIONS = ("model_list", "general_settings", "litellm_settings", "route
 
 _MEMPROXY_KEYS = {
     "host", "port", "litellm_url", "max_body_size", "timeouts", "headers", "detectors", "log",
-    "explicit_id", "unidentified", "event_loop", "admin",
+    "explicit_id", "unidentified", "event_loop", "admin", "max_header_size",
 }
 _EXPLICIT_ID_KEYS = {"trust", "networks", "secret_header", "secret"}
 _ADMIN_KEYS = {"networks", "token", "hosts", "metrics"}
 _MAPPING_KEYS = {"custom_header", "header_patterns", "default_user_id"}
 _PATTERN_KEYS = {"header", "pattern", "user_id"}
-_TIMEOUT_KEYS = {"connect", "between_chunks", "total"}
+_TIMEOUT_KEYS = {"connect", "between_chunks", "total", "request_head", "keepalive",
+                 "request_body"}
 _HEADER_KEYS = {
     "user_id", "conversation_id", "conversation_id_from", "litellm_end_user_id",
     "supermemory_api_key",
@@ -267,7 +276,7 @@ def _read_yaml(file: Path) -> Mapping[str, Any]:
     except RecursionError:
         raise ConfigError("", f"{file} nests lists or mappings too deeply to read",
                           "a config needs only a few levels") from None
-    except (ValueError, OverflowError) as exc:
+    except ValueError as exc:
         # The YAML is well formed but a value in it is not, e.g. the date 2024-13-45
         # or an integer with more digits than Python converts.
         raise ConfigError("", f"{file} has a value YAML cannot read: {exc}",
@@ -294,6 +303,17 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
 
     timeouts_raw = _section(section, "timeouts", _TIMEOUT_KEYS, prefix="memproxy.")
     defaults = Timeouts()
+    # The client's side always has a limit: without one, a client that stalls holds a
+    # connection (and memory) for ever.
+    client_timeouts: dict[str, float] = {}
+    for name in ("request_head", "keepalive", "request_body"):
+        key = f"memproxy.timeouts.{name}"
+        default = getattr(defaults, name)
+        seconds = _seconds(key, timeouts_raw, name, default)
+        if seconds is None:
+            raise ConfigError(key, "must be a positive number of seconds; null (no limit) is "
+                                   "not allowed for a client's side", f"e.g. {default:g}")
+        client_timeouts[name] = seconds
     timeouts = Timeouts(
         connect=_seconds("memproxy.timeouts.connect", timeouts_raw, "connect", defaults.connect),
         between_chunks=_seconds(
@@ -301,6 +321,7 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
             defaults.between_chunks,
         ),
         total=_seconds("memproxy.timeouts.total", timeouts_raw, "total", defaults.total),
+        **client_timeouts,
     )
 
     log_raw = _section(section, "log", _LOG_KEYS, prefix="memproxy.")
@@ -327,6 +348,8 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
         headers=_headers(_section(section, "headers", _HEADER_KEYS, prefix="memproxy.")),
         timeouts=timeouts,
         max_body_size=_size("memproxy.max_body_size", section.get("max_body_size", "256MiB")),
+        max_header_size=_size("memproxy.max_header_size",
+                              section.get("max_header_size", "256KiB")),
         explicit_id=_explicit_id(
             _section(section, "explicit_id", _EXPLICIT_ID_KEYS, prefix="memproxy.")),
         admin=_admin(_section(section, "admin", _ADMIN_KEYS, prefix="memproxy.")),
@@ -393,9 +416,7 @@ def lint(settings: Settings) -> list[str]:
             "memproxy.headers.supermemory_api_key, or $SUPERMEMORY_API_KEY when the config "
             f"does not set it) and LiteLLM forwards client headers {scope}, so the providers "
             f"of {', '.join(exposed)} receive your Supermemory key and {header}.\n"
-            f"Fix: {undo} and forward client headers to the Supermemory models only. Best, "
-            "let LiteLLM add the key to them itself and set "
-            "memproxy.headers.supermemory_api_key: null.\n"
+            f"Fix: {undo}, set memproxy.headers.supermemory_api_key: null, and instead:\n"
             + _forwarding_fix(routed)
         )
 

@@ -100,7 +100,8 @@ async def unmatched_handler(request: web.Request) -> web.Response:
         return error_response(dialect_of(request.path, request.headers), 400,
                               "limit must be a whole number from 1 to 200", "invalid_limit")
     # Clamped to the inbox's capacity; a long number by its length, before int() reads it.
-    limit = 200 if len(text) > 3 else min(max(int(text), 1), 200)
+    digits = text.lstrip("0")
+    limit = 200 if len(digits) > 3 else min(max(int(digits or "0"), 1), 200)
     return web.json_response({
         "unmatched": inbox.top(limit) if inbox is not None else [],
         "how_to_use": "paste suggested_yaml under user_id_mappings.header_patterns, test it "

@@ -46,13 +46,12 @@ def suggest_rule(fingerprint: Mapping[str, str]) -> dict[str, str] | None:
     product = _PRODUCT.match(agent)
     if product:
         after = agent[product.end():product.end() + 1]
-        if after and _printable_ascii(after):
-            end = _escape(after)
-        elif not after and len(agent) < MAX_VALUE_LENGTH:  # not cut short by the inbox
-            end = "$"
-        else:
-            end = ""
-        if end:
+        end: str | None
+        if after:
+            end = _escape(after) if _printable_ascii(after) else None
+        else:  # the token is the whole value: anchor it, unless the inbox cut the value short
+            end = "$" if len(agent) < MAX_VALUE_LENGTH else None
+        if end is not None:
             return {"header": "user-agent", "pattern": "^" + _escape(product.group()) + end,
                     "user_id": _slug(product.group())}
     for header in ("x-app", "originator", "x-title"):

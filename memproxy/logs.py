@@ -213,21 +213,26 @@ def _standard_level(levelno: int) -> int:
     return logging.DEBUG
 
 
-def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Configure structlog for the process; ``auto`` means JSON unless stdout is a terminal.
+def configure_logging(
+    log_format: str = "auto", level: str = "info", *, file: TextIO | None = None
+) -> None:
+    """Configure structlog for the process; ``auto`` means JSON unless the file is a terminal.
+
+    Lines go to ``file``, standard output by default.
 
     The HTTP server's and the event loop's stdlib loggers write through it too
     (see :class:`ServerLogHandler`), and nowhere else.
     """
+    out = sys.stdout if file is None else file
     if log_format == "auto":
-        log_format = "console" if sys.stdout.isatty() else "json"
+        log_format = "console" if out.isatty() else "json"
     renderer: Any
     if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
     timestamp = UtcTimestamp()
-    factory = LineWriterFactory(sys.stdout)
+    factory = LineWriterFactory(out)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

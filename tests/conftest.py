@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+
+from memproxy import logs
 
 from memproxy.app import create_app
 from memproxy.config import Settings, parse_settings
@@ -148,6 +153,31 @@ async def fake_litellm(aiohttp_server: Any) -> FakeLiteLLM:
     app.router.add_route("*", "/{tail:.*}", fake.handle)
     fake.server = await aiohttp_server(app)
     return fake
+
+
+@pytest.fixture
+def json_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TextIO]:
+    """memproxy's JSON logging into a file, as ``serve`` sets it up; all undone afterwards."""
+    monkeypatch.setattr(logs, "_process_fields", {})
+    monkeypatch.setattr(logs, "_request_writer", logs._request_writer)
+    server_loggers = {name: (logging.getLogger(name).handlers[:],
+                             logging.getLogger(name).propagate, logging.getLogger(name).level)
+                      for name in logs.SERVER_LOGGERS}
+    with open(tmp_path / "log.jsonl", "w") as file:
+        logs.configure_logging("json", "info", file=file)
+        yield file
+    structlog.reset_defaults()
+    for name, (handlers, propagate, level) in server_loggers.items():
+        stdlib_logger = logging.getLogger(name)
+        stdlib_logger.handlers[:] = handlers
+        stdlib_logger.propagate = propagate
+        stdlib_logger.setLevel(level)
+
+
+def read_log(file: TextIO) -> list[dict[str, Any]]:
+    """The JSON lines written so far to a :func:`json_log_file`."""
+    file.flush()
+    return [json.loads(line) for line in Path(file.name).read_text().splitlines()]
 
 
 def make_settings(litellm_url: str, **sections: Any) -> Settings:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from memproxy.config import ConfigError, lint, load_settings, parse_settings
+from memproxy.config import (
+    ConfigError,
+    goes_through_supermemory,
+    lint,
+    load_settings,
+    parse_settings,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,38 +150,151 @@ def test_sizes_accept_units() -> None:
     assert parse_settings({"memproxy": {"max_body_size": 512}}).max_body_size == 512
 
 
-def test_lint_warns_when_litellm_would_drop_the_user_id_header(tmp_path: Path) -> None:
-    warnings = lint(load_settings(write(tmp_path, SEED_CONFIG)))
+SUPERMEMORY_MODEL = """\
+  - model_name: claude
+    litellm_params:
+      model: anthropic/claude
+      api_base: https://api.supermemory.ai/v3/api.anthropic.com
+"""
+GLOBAL_FORWARDING = "general_settings:\n  forward_client_headers_to_llm_api: true\n"
+
+
+def with_models(*entries: str) -> str:
+    """SEED_CONFIG (one plain OpenAI model, gpt-4) with more model_list entries."""
+    return SEED_CONFIG.replace("user_id_mappings:", "".join(entries) + "user_id_mappings:")
+
+
+def forwarding_for(*models: str) -> str:
+    return ("litellm_settings:\n  model_group_settings:\n"
+            f"    forward_client_headers_to_llm_api: [{', '.join(models)}]\n")
+
+
+@pytest.fixture
+def no_key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memproxy takes its Supermemory key from the environment when the config has none."""
+    monkeypatch.delenv("SUPERMEMORY_API_KEY", raising=False)
+
+
+@pytest.mark.parametrize("api_base, routed", [
+    ("https://api.supermemory.ai/v3/api.anthropic.com", True),
+    ("https://API.SUPERMEMORY.AI/v3/https://api.openai.com/v1", True),
+    ("http://127.0.0.1:8080/v3/api.anthropic.com", True),  # a local stand-in for the router
+    ("http://router.internal/v3/api.openai.com/v1", True),
+    ("https://api.openai.com/v1", False),
+    ("http://127.0.0.1:8080/v3/", False),
+    ("http://127.0.0.1:8080/v3/anthropic", False),
+    ("http://[::1", False),
+    (None, False),
+    ("os.environ/MP_TEST_API_BASE", True),
+])
+def test_which_models_go_through_supermemory(
+    monkeypatch: pytest.MonkeyPatch, api_base: str | None, routed: bool
+) -> None:
+    monkeypatch.setenv("MP_TEST_API_BASE", "https://api.supermemory.ai/v3/api.anthropic.com")
+    assert goes_through_supermemory(api_base) is routed
+
+
+def test_lint_warns_when_litellm_would_drop_the_user_id_header(
+    tmp_path: Path, no_key_in_env: None
+) -> None:
+    warnings = lint(load_settings(write(tmp_path, with_models(SUPERMEMORY_MODEL))))
     assert len(warnings) == 1
     assert "silently drop x-sm-user-id" in warnings[0]
-    assert "forward_client_headers_to_llm_api: true" in warnings[0]
+    assert "requests to claude reach the Supermemory router" in warnings[0]
+    assert "forward_client_headers_to_llm_api: [claude]" in warnings[0]
+    assert "forward_client_headers_to_llm_api: true" not in warnings[0]
     result = run_cli("check-config", "--config", str(tmp_path / "config.yaml"))
     assert result.returncode == 0
     assert "WARNING: LiteLLM will silently drop x-sm-user-id" in result.stdout
 
 
-def test_lint_is_quiet_when_forwarding_is_on(tmp_path: Path) -> None:
-    config = SEED_CONFIG + "general_settings:\n  forward_client_headers_to_llm_api: true\n"
-    assert lint(load_settings(write(tmp_path, config))) == []
+def test_lint_is_quiet_when_forwarding_reaches_the_supermemory_models(
+    tmp_path: Path, no_key_in_env: None
+) -> None:
+    for forwarding in (GLOBAL_FORWARDING, forwarding_for("claude")):
+        config = with_models(SUPERMEMORY_MODEL) + forwarding
+        assert lint(load_settings(write(tmp_path, config))) == [], forwarding
 
 
-def test_lint_names_models_left_out_of_a_per_model_forwarding_list(tmp_path: Path) -> None:
-    text = SEED_CONFIG.replace(
-        "user_id_mappings:",
-        "  - model_name: claude\n    litellm_params: {model: anthropic/claude}\n"
-        "user_id_mappings:",
-    ) + ("litellm_settings:\n  model_group_settings:\n"
-         "    forward_client_headers_to_llm_api: [gpt-4]\n")
+def test_lint_names_models_left_out_of_a_per_model_forwarding_list(
+    tmp_path: Path, no_key_in_env: None
+) -> None:
+    second = SUPERMEMORY_MODEL.replace("name: claude", "name: claude-2")
+    text = with_models(SUPERMEMORY_MODEL, second) + forwarding_for("claude")
     warnings = lint(load_settings(write(tmp_path, text)))
     assert len(warnings) == 1
-    assert "requests to claude reach the provider without x-sm-user-id" in warnings[0]
+    assert "requests to claude-2 reach the provider without x-sm-user-id" in warnings[0]
+    # gpt-4 is not listed either, and rightly so: it does not go through Supermemory.
+    assert "gpt-4" not in warnings[0].split("\n")[0]
 
 
-def test_bundled_config_is_valid_and_forwards_headers() -> None:
-    result = run_cli("check-config", "--config", str(ROOT / "config.yaml"))
+@pytest.mark.parametrize("key_from", ["config", "environment"])
+def test_lint_warns_when_global_forwarding_sends_the_supermemory_key_to_other_providers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_from: str
+) -> None:
+    config = with_models(SUPERMEMORY_MODEL) + GLOBAL_FORWARDING
+    if key_from == "config":
+        monkeypatch.delenv("SUPERMEMORY_API_KEY", raising=False)
+        config += "memproxy:\n  headers:\n    supermemory_api_key: sm-from-config\n"
+    else:
+        monkeypatch.setenv("SUPERMEMORY_API_KEY", "sm-from-env")
+    warnings = lint(load_settings(write(tmp_path, config)))
+    assert len(warnings) == 1
+    first_line = warnings[0].split("\n")[0]
+    assert "providers of gpt-4 receive your Supermemory key and x-sm-user-id" in first_line
+    assert "claude" not in first_line
+    assert "forward_client_headers_to_llm_api: [claude]" in warnings[0]
+    assert "extra_headers: {x-supermemory-api-key: os.environ/SUPERMEMORY_API_KEY}" in warnings[0]
+    assert "supermemory_api_key: null" in warnings[0]
+    assert "sm-from" not in warnings[0]
+
+
+def test_lint_lets_memproxy_send_the_key_when_only_supermemory_models_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUPERMEMORY_API_KEY", "sm-from-env")
+    demo = ("  - model_name: demo\n    litellm_params: {model: openai/demo, "
+            "mock_response: hi}\n")
+    safe = with_models(SUPERMEMORY_MODEL, demo) + forwarding_for("claude", "demo")
+    assert lint(load_settings(write(tmp_path, safe))) == []
+    leaky = with_models(SUPERMEMORY_MODEL) + forwarding_for("claude", "gpt-4")
+    warnings = lint(load_settings(write(tmp_path, leaky)))
+    assert len(warnings) == 1
+    assert "providers of gpt-4 receive your Supermemory key" in warnings[0]
+    assert "take gpt-4 off the forwarding list" in warnings[0]
+
+
+def test_lint_warns_when_no_model_goes_through_supermemory(
+    tmp_path: Path, no_key_in_env: None
+) -> None:
+    for forwarding in ("", GLOBAL_FORWARDING, forwarding_for("gpt-4")):
+        warnings = lint(load_settings(write(tmp_path, SEED_CONFIG + forwarding)))
+        assert len(warnings) == 1, forwarding
+        assert "No model in model_list goes through the Supermemory memory router" \
+            in warnings[0]
+
+
+def test_bundled_config_is_valid_and_sends_memory_headers_to_supermemory_models_only() -> None:
+    env = {**os.environ, "SUPERMEMORY_API_KEY": "sm-in-the-environment"}
+    result = run_cli("check-config", "--config", str(ROOT / "config.yaml"), env=env)
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stdout
     assert "1. explicit_header" in result.stdout
+
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert "forward_client_headers_to_llm_api" not in (raw.get("general_settings") or {})
+    forwarded = raw["litellm_settings"]["model_group_settings"][
+        "forward_client_headers_to_llm_api"]
+    routed = [m["model_name"] for m in raw["model_list"]
+              if goes_through_supermemory(m["litellm_params"].get("api_base"))]
+    assert forwarded == routed == ["claude-sonnet-4"]
+    for model in raw["model_list"]:
+        extra = model["litellm_params"].get("extra_headers", {})
+        expected = ({"x-supermemory-api-key": "os.environ/SUPERMEMORY_API_KEY"}
+                    if model["model_name"] in routed else {})
+        assert extra == expected, model["model_name"]
+    # LiteLLM adds the key; memproxy sends none, even with the variable set.
+    assert raw["memproxy"]["headers"]["supermemory_api_key"] is None
 
 
 @pytest.mark.parametrize("agent, expected", [

@@ -115,6 +115,8 @@ class Chain:
 
 
 def config_text(provider: Provider, *, api_key_hash: bool) -> str:
+    """Laid out as the bundled config.yaml: LiteLLM forwards client headers to the
+    Supermemory-routed model only, and adds the Supermemory key to it itself."""
     return f"""
 model_list:
   - model_name: gpt-fake
@@ -124,13 +126,16 @@ model_list:
       model: anthropic/claude-fake
       api_base: "{provider.url}/v3/api.anthropic.com"
       api_key: sk-ant-prov
-general_settings:
-  forward_client_headers_to_llm_api: true
+      extra_headers: {{x-supermemory-api-key: os.environ/SUPERMEMORY_API_KEY}}
+litellm_settings:
+  model_group_settings:
+    forward_client_headers_to_llm_api: [claude-fake]
 user_id_mappings:
   header_patterns:
     - {{header: user-agent, pattern: '^claude-cli/', user_id: claude-code}}
     - {{header: user-agent, pattern: '^OpenAIClient(Async)?Impl/Java', user_id: jetbrains}}
 memproxy:
+  headers: {{supermemory_api_key: null}}
   detectors:
     api_key_hash:
       enabled: {str(api_key_hash).lower()}
@@ -189,8 +194,9 @@ def with_memory(tmp_path_factory: pytest.TempPathFactory, provider: Provider) ->
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory, provider: Provider) -> Iterator[Chain]:
-    """No key hash, no Supermemory key: unrecognised clients get the default."""
-    chain = start_chain(tmp_path_factory.mktemp("plain"), provider, api_key_hash=False, env={})
+    """No key hash: unrecognised clients get the default."""
+    chain = start_chain(tmp_path_factory.mktemp("plain"), provider, api_key_hash=False,
+                        env={"SUPERMEMORY_API_KEY": SM_KEY})
     yield chain
     stop_chain(chain)
 
@@ -259,8 +265,13 @@ def key_hash(key: str) -> str:
     return "key-" + hmac.new(HASH_SECRET.encode(), key.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("name", CALLS)
-def test_each_detection_path_reaches_the_provider(
+MEMORY_HEADERS = ("x-sm-user-id", "x-sm-conversation-id", "x-supermemory-api-key")
+SUPERMEMORY_CALLS = [name for name in CALLS if "openai-model" not in name]
+OTHER_CALLS = [name for name in CALLS if "openai-model" in name]
+
+
+@pytest.mark.parametrize("name", SUPERMEMORY_CALLS)
+def test_each_detection_path_reaches_the_supermemory_model(
     name: str, provider: Provider, with_memory: Chain
 ) -> None:
     call = CALLS[name]
@@ -275,16 +286,31 @@ def test_each_detection_path_reaches_the_provider(
         seen = one_call(provider, with_memory, call, user_agent, headers)
         assert seen.get("x-sm-user-id") == expected, (user_agent, headers)
         assert "x-memory-user-id" not in seen
+        # LiteLLM added the key itself (os.environ/ in extra_headers resolved).
         assert seen.get("x-supermemory-api-key") == SM_KEY
 
 
-@pytest.mark.parametrize("name", ["chat-openai-model", "messages-stream"])
-def test_unrecognised_client_lands_in_default_without_a_supermemory_key(
+@pytest.mark.parametrize("name", OTHER_CALLS)
+def test_another_provider_gets_neither_the_user_id_nor_the_key(
+    name: str, provider: Provider, with_memory: Chain
+) -> None:
+    seen = one_call(provider, with_memory, CALLS[name], CLAUDE_CODE_UA,
+                    {"X-Claude-Code-Session-Id": "5d1e-session"})
+    assert [h for h in MEMORY_HEADERS if h in seen] == []
+    assert SM_KEY not in str(seen)
+
+
+def test_memproxy_start_warns_about_nothing_in_this_layout(with_memory: Chain) -> None:
+    assert b"config_warning" not in with_memory.log.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["chat-anthropic-model", "messages-stream"])
+def test_unrecognised_client_lands_in_default_and_its_supermemory_key_is_dropped(
     name: str, provider: Provider, plain: Chain
 ) -> None:
     seen = one_call(provider, plain, CALLS[name], None, {"x-supermemory-api-key": "client-key"})
     assert seen.get("x-sm-user-id") == "default"
-    assert "x-supermemory-api-key" not in seen
+    assert "client-key" not in str(seen)
 
 
 def test_anthropic_model_is_called_through_the_supermemory_router_path(
@@ -339,7 +365,7 @@ def test_litellm_that_dies_is_restarted_and_clients_get_quick_503s_meanwhile(
     assert health["status"] == "ok"
     assert health["litellm"]["restarts"] == 1
     assert health["litellm"]["pid"] != old_pid
-    seen = one_call(provider, plain, CALLS["chat-openai-model"], CLAUDE_CODE_UA, {})
+    seen = one_call(provider, plain, CALLS["chat-anthropic-model"], CLAUDE_CODE_UA, {})
     assert seen.get("x-sm-user-id") == "claude-code"
 
 

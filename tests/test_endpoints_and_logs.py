@@ -108,22 +108,6 @@ async def test_one_canonical_log_line_per_request(proxy: ProxyFactory) -> None:
     assert "query-secret" not in repr(logs)
 
 
-@pytest.fixture
-def json_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """memproxy's JSON logging, writing to a file; structlog is reset afterwards."""
-    import structlog
-
-    from memproxy import logs
-
-    with open(tmp_path / "log.jsonl", "w") as file:
-        monkeypatch.setattr(sys, "stdout", file)
-        monkeypatch.setattr(logs, "_process_fields", {})
-        monkeypatch.setattr(logs, "_request_writer", logs._request_writer)
-        logs.configure_logging("json", "info")
-        yield file
-    structlog.reset_defaults()
-
-
 async def test_request_line_has_the_same_fields_as_every_other_json_line(
     json_log_file: Any,
 ) -> None:

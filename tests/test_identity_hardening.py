@@ -14,10 +14,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
-import structlog
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,8 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from memproxy import ClientRequest, DetectorSpec, hookimpl
 from memproxy.detectors.api_key_hash import litellm_api_key
-from memproxy.logs import configure_logging
-from tests.conftest import FakeLiteLLM, ProxyFactory
+from tests.conftest import FakeLiteLLM, ProxyFactory, read_log
 from tests.test_reliability import raw_exchange
 
 SECRET = "identity-hash-secret-0123456789"
@@ -305,15 +303,10 @@ class Broken:
 
 
 async def test_lines_logged_while_detecting_carry_the_request_id(
-    proxy: ProxyFactory, capsys: pytest.CaptureFixture[str]
+    proxy: ProxyFactory, json_log_file: TextIO
 ) -> None:
-    configure_logging("json", "info")
-    try:
-        client = await proxy(extra_plugins=(Broken(),))
-        resp = await client.get("/v1/models", headers={"x-request-id": "req-42"})
-        assert resp.status == 200
-        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    finally:
-        structlog.reset_defaults()
-    failed = [line for line in lines if line["event"] == "detector_failed"]
+    client = await proxy(extra_plugins=(Broken(),))
+    resp = await client.get("/v1/models", headers={"x-request-id": "req-42"})
+    assert resp.status == 200
+    failed = [line for line in read_log(json_log_file) if line["event"] == "detector_failed"]
     assert failed and failed[0]["request_id"] == "req-42"

@@ -6,7 +6,7 @@ and the same header rewrite done the simplest way (``x-sm-user-id`` from a
 User-Agent regex), but no logging, metrics, error dialects, limits or checks.
 The difference between this and memproxy is what memproxy's own features cost.
 
-Run: ``python aiohttp_baseline.py PORT UPSTREAM_URL``.
+Run: ``python -m bench.aiohttp_baseline PORT UPSTREAM_URL``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """Where memproxy's CPU goes under load: py-spy samples of one worker at concurrency 32.
 
 ``bench/run.sh --profile`` starts the fake upstream and, in turn, memproxy on
-the stdlib asyncio loop and on uvloop. Each gets the concurrency-32 POST load
-from wrk while ``py-spy record --format raw --function`` samples it (py-spy
-pauses the process for each sample; without pausing, many sampled stacks come
-out torn). The collapsed stacks are kept in ``bench/results/profile-<loop>.txt``
-and summarised in ``profile-<loop>-summary.txt``: self time by function, self
-time by component, and inclusive time of the steps of a forwarded request.
+the stdlib asyncio loop and on uvloop (``memproxy.event_loop``). Each gets the
+concurrency-32 POST load from wrk while ``py-spy record --format raw --function``
+samples it (py-spy pauses the process for each sample; without pausing, many
+sampled stacks come out torn). The collapsed stacks are kept in
+``bench/results/profile-<loop>.txt`` and summarised in
+``profile-<loop>-summary.txt``: self time by function, self time by component,
+and inclusive time of the steps of a forwarded request.
 Then, in ``profile-attribution.txt``, memproxy's CPU per request is split by
 interleaved runs: memproxy, memproxy with its request log line off, and the
-minimal aiohttp proxy of ``aiohttp_baseline.py``; and memproxy's
-garbage-collector pauses are timed, as it is and with ``gc.freeze()``
-(``gc_serve.py``).
+minimal aiohttp proxy of ``aiohttp_baseline.py``.
 
 Only Python frames are sampled: time in C code (the HTTP parser, ``json``,
 socket calls) counts toward the Python function that called it, and time in
@@ -20,21 +19,15 @@ uvloop's own C code shows as ``asyncio.Runner.run``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from procs import cpu_seconds, descendants, free_port, wait_for_port
-from stats import median
-
-if TYPE_CHECKING:
-    from run import Bench
+from bench.harness import REPO, Lab, Target, cpu_seconds, descendants, median
 
 # Components for self time, by the file of the sampled leaf frame; the first match wins.
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -71,12 +64,12 @@ STEPS: tuple[tuple[str, str], ...] = (
 )
 
 
+RATE = 200
+
+
 def frame_file(frame: str) -> str:
     """The file part of ``func (path/file.py:12)``."""
     return frame.rpartition(" (")[2].rsplit(":", 1)[0]
-
-
-RATE = 200
 
 
 def parse_raw(path: Path) -> list[tuple[list[str], int]]:
@@ -96,7 +89,7 @@ def short(frame: str) -> str:
     """``func (/long/path/site-packages/pkg/mod.py:12)`` -> ``func (pkg/mod.py:12)``."""
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
-    for marker in ("site-packages/", "/lib/python3.", "/work/main/"):
+    for marker in ("site-packages/", "/lib/python3.", f"{REPO}/"):
         if marker in where:
             where = where.split(marker, 1)[1]
             if marker == "/lib/python3.":
@@ -153,34 +146,29 @@ def format_summary(title: str, summary: dict[str, Any], extra: list[str]) -> str
     return "\n".join(lines) + "\n"
 
 
-def attribute(bench: Bench, rounds: int = 3, seconds: int = 6) -> str:
+def attribute(lab: Lab, rounds: int = 3, seconds: int = 6) -> str:
     """CPU per request of memproxy, memproxy without its request log line, and minimal aiohttp.
 
     Interleaved runs at concurrency 32; medians. The differences split
     memproxy's CPU into the aiohttp floor, the log line and its other work.
     """
-    from run import Target
-
-    quiet = bench.work / "memproxy-no-request-log.yaml"
-    bench.write_memproxy_config(quiet, log_level="warning")
     full = Target("memproxy", "memproxy (request log line on)")
-    bench.start_memproxy(full)
+    lab.start_memproxy(full, lab.memproxy_config("memproxy"))
     silent = Target("memproxy-no-log", "memproxy, log level warning (no request line)")
-    bench.start_memproxy(silent, config=quiet)
-    baseline = bench.start_baseline()
+    lab.start_memproxy(silent, lab.memproxy_config("memproxy-no-log", log_level="warning"))
+    baseline = lab.start_baseline()
     targets = [full, silent, baseline]
     for target in targets:
-        bench.wrk(target, 32, 2, 1)
+        lab.wrk(target, 32, 2, 1)
     cpu: dict[str, list[float]] = {t.key: [] for t in targets}
     rps: dict[str, list[float]] = {t.key: [] for t in targets}
     for _ in range(rounds):
         for target in targets:
-            result = bench.load_run(target, seconds)
+            result = lab.load_run(target, seconds)
             cpu[target.key].append(result["proxy_cpu_us_per_request"])
             rps[target.key].append(result["rps"])
     for target in targets:
-        assert target.process is not None
-        bench.group.stop(target.process)
+        lab.stop(target)
     med = {key: median(values) for key, values in cpu.items()}
     lines = [f"CPU per request at c=32, median of {rounds} interleaved {seconds} s runs:"]
     lines += [f"  {med[t.key]:6.0f} µs  ({median(rps[t.key]):,.0f} req/s)  {t.label}  "
@@ -194,98 +182,42 @@ def attribute(bench: Bench, rounds: int = 3, seconds: int = 6) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gc_pauses(bench: Bench, seconds: int = 8, stream_runs: int = 20) -> str:
-    """Garbage-collector pauses of memproxy under load, as it is and with ``gc.freeze()``.
-
-    Each variant gets the concurrency-32 load, then ``stream_runs`` rounds of
-    50 concurrent streams; a pause longer than the 10 ms between events shows
-    up as coalesced events.
-    """
-    from run import Target, child_env
-
-    lines = [f"Garbage collection under wrk -c32 for {seconds} s, then {stream_runs} x "
-             f"{bench.s.streams} streams of {bench.s.events} events:"]
-    for name, extra in (("as is", []), ("with gc.freeze() after imports", ["--freeze"])):
-        report = bench.work / f"gc-{len(extra)}.json"
-        target = Target(f"memproxy-gc-{len(extra)}", f"memproxy, {name}")
-        target.port = free_port()
-        target.process = bench.group.start(
-            target.key, [bench.python, str(Path(__file__).with_name("gc_serve.py")), *extra,
-                         "--report", str(report), "serve", "--config", str(bench.config_path),
-                         "--port", str(target.port),
-                         "--litellm-url", f"http://127.0.0.1:{bench.upstream_port}"],
-            stdout=subprocess.DEVNULL, env=child_env())
-        wait_for_port(target.port, 60, target.process)
-        bench.wrk(target, 32, 2, 1)
-        load = bench.load_run(target, seconds)
-        coalesced = 0
-        worst = 0.0
-        for _ in range(stream_runs):
-            streams = bench.stream_run(target, events=bench.s.events)
-            coalesced += streams["coalesced_reads"]
-            worst = max(worst, streams["event_delay_us"]["max"])
-        bench.group.stop(target.process)
-        data = json.loads(report.read_text())
-        gen = [data[f"gen{g}"] for g in range(3)]
-        lines.append(
-            f"  memproxy {name}: {load['requests']:,} requests, then the streams; "
-            f"objects frozen at start: {data['frozen_objects']:,}; "
-            f"full collections (gen 2): {gen[2]['count']}, median {gen[2]['median_ms']} ms, "
-            f"max {gen[2]['max_ms']} ms, {gen[2]['objects_freed']:,} objects freed; "
-            f"gen 0: {gen[0]['count']} x {gen[0]['median_ms']} ms, "
-            f"gen 1: {gen[1]['count']} x {gen[1]['median_ms']} ms; GC total "
-            f"{sum(g['total_ms'] for g in gen):.0f} ms; streams: {coalesced} coalesced reads, "
-            f"worst event delay {worst / 1000:.1f} ms")
-    return "\n".join(lines) + "\n"
-
-
-def run(bench: Bench, args: argparse.Namespace) -> int:
+def run(lab: Lab, output: Path, seconds: int) -> int:
     """Profile memproxy (asyncio, then uvloop) under wrk's concurrency-32 load."""
-    from run import Target
-
-    py_spy = shutil.which("py-spy") or str(Path(args.python).with_name("py-spy"))
-    if not Path(py_spy).exists() and shutil.which(py_spy) is None:
+    py_spy = shutil.which("py-spy") or str(Path(lab.python).with_name("py-spy"))
+    if not Path(py_spy).exists():
         print("profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    seconds = args.profile_seconds
-    bench.write_memproxy_config()
-    bench.start_upstream()
-    for name, uvloop in (("asyncio", False), ("uvloop", True)):
-        target = Target(f"memproxy-{name}", f"memproxy, 1 worker, {name}")
-        bench.start_memproxy(target, uvloop=uvloop)
+    lab.start_upstream()
+    for loop in ("asyncio", "uvloop"):
+        target = Target(f"memproxy-{loop}", f"memproxy, 1 worker, {loop}")
+        lab.start_memproxy(target, lab.memproxy_config(target.key, event_loop=loop))
         assert target.process is not None
-        bench.wrk(target, 32, 2, 2)  # warm-up: connection pools, caches
-        raw = output / f"profile-{name}.txt"
-        load = bench.group.start("wrk", [
-            "wrk", "-t2", "-c32", f"-d{seconds + 4}s", "--timeout", "5s",
-            "-s", str(Path(__file__).with_name("wrk") / "post.lua"),
-            f"http://127.0.0.1:{target.port}/v1/chat/completions", "--", "proxy",
-            *(f"{ua}\t{uid}" for ua, uid in __import__("stream_client").CLIENTS)],
-            stdout=subprocess.PIPE)
+        lab.wrk(target, 32, 2, 2)  # warm-up: connection pools, caches
+        raw = output / f"profile-{loop}.txt"
+        load = lab.group.start(lab.wrk_argv(target, 32, 2, seconds + 4), stdout=subprocess.PIPE)
         time.sleep(2)
         pids = descendants(target.process.pid)
         cpu_before = cpu_seconds(pids)
-        status, _, err = bench.group.run("py-spy", [
+        status, _, err = lab.group.run([
             py_spy, "record", "--pid", str(target.process.pid), "--duration", str(seconds),
-            "--rate", str(RATE), "--format", "raw", "--function",
-            "-o", str(raw)], timeout=seconds + 60)
+            "--rate", str(RATE), "--format", "raw", "--function", "-o", str(raw)],
+            timeout=seconds + 60)
         cpu = cpu_seconds(pids) - cpu_before
         wrk_out = load.communicate(timeout=seconds + 30)[0].decode()
-        bench.group.stop(target.process)
+        lab.stop(target)
         if status != 0:
             print(f"profile: py-spy failed ({status}):\n{err[-2000:]}", file=sys.stderr)
             return 1
         requests = next((line for line in wrk_out.splitlines() if "requests in" in line), "")
-        summary = summarise(parse_raw(raw))
         text = format_summary(
-            f"memproxy on {name}, 1 worker, wrk -t2 -c32, py-spy {seconds} s at {RATE} Hz",
-            summary, [f"wrk: {requests.strip()}",
-                      f"memproxy CPU while sampled: {cpu:.1f} s over {seconds} s"])
-        (output / f"profile-{name}-summary.txt").write_text(text)
+            f"memproxy on {loop}, 1 worker, wrk -t2 -c32, py-spy {seconds} s at {RATE} Hz",
+            summarise(parse_raw(raw)),
+            [f"wrk: {requests.strip()}",
+             f"memproxy CPU while sampled: {cpu:.1f} s over {seconds} s"])
+        (output / f"profile-{loop}-summary.txt").write_text(text)
         print(text)
-    text = attribute(bench) + "\n" + gc_pauses(bench)
+    text = attribute(lab)
     (output / "profile-attribution.txt").write_text(text)
     print(text)
     print(f"collapsed stacks and summaries in {output}/profile-*.txt")

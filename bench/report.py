@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from stats import median, spread
+from bench.harness import BENCH, Target, median, spread
 
 NAN = float("nan")
-
-
-class TargetLike(Protocol):
-    key: str
-    label: str
-    available: bool
-    note: str
-    memory: dict[str, Any]
 
 
 def _errors(wrk_result: dict[str, Any]) -> int:
@@ -61,15 +55,14 @@ def _round_figures(key: str, record: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def build(meta: dict[str, Any], targets: Sequence[TargetLike], rounds: list[dict[str, Any]],
+def build(meta: dict[str, Any], targets: Sequence[Target], rounds: list[dict[str, Any]],
           memory: dict[str, Any]) -> dict[str, Any]:
     """Everything the run measured: raw rounds, per-target medians and the goal checks."""
     summary: dict[str, Any] = {}
     for target in targets:
-        entry: dict[str, Any] = {"label": target.label, "available": target.available,
-                                 "note": target.note, "memory": target.memory,
-                                 "request_log_lines": getattr(target, "log_lines", 0)}
-        if target.available and rounds:
+        entry: dict[str, Any] = {"label": target.label, "memory": target.memory,
+                                 "request_log_lines": target.log_lines}
+        if rounds:
             per_round = [_round_figures(target.key, r) for r in rounds]
             entry["per_round"] = per_round
             entry["median"] = {k: median([r[k] for r in per_round]) for k in per_round[0]}
@@ -92,8 +85,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def figure(key: str, name: str) -> float:
-        entry = summary.get(key, {})
-        return entry.get("median", {}).get(name, NAN) if entry.get("available") else NAN
+        return float(summary.get(key, {}).get("median", {}).get(name, NAN))
 
     def add(goal: str, value: float, limit: float, unit: str, at_least: bool = False) -> None:
         if value != value:
@@ -177,8 +169,8 @@ STREAM_COLUMNS = (
 
 def _row(entry: dict[str, Any], columns: tuple[tuple[str, Any], ...]) -> list[str]:
     cells = [entry["label"]]
-    if not entry.get("available"):
-        return cells + [entry.get("note") or "not available"] + [""] * (len(columns) - 2)
+    if "median" not in entry:
+        return cells + ["not measured"] + [""] * (len(columns) - 2)
     med = entry["median"]
     for _, spec in columns[1:]:
         if isinstance(spec, tuple):
@@ -289,7 +281,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     for key, colour in PLOTTED:
         entry = results["summary"].get(key)
-        if not entry or not entry.get("available"):
+        if not entry or "median" not in entry:
             continue
         for index, record in enumerate(results["rounds"]):
             points = record["c1"][key]["latency_us"]["percentiles"]
@@ -315,12 +307,8 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def main() -> int:
-    """Rebuild the tables, goal checks and plot from a saved run: ``report.py latest.json``."""
-    import json
-    import sys
-
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" /
-                "latest.json")
+    """Rebuild the tables, goal checks and plot of a saved run: ``python -m bench.report FILE``."""
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else BENCH / "results" / "latest.json")
     results = json.loads(path.read_text())
     results["checks"] = checks(results)
     path.write_text(json.dumps(results, indent=1, default=str))

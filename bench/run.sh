@@ -1,24 +1,16 @@
 #!/bin/sh
 # Run the memproxy benchmark: bench/run.sh [--quick] [--profile] [--help]
-# Uses $PYTHON, else the repository's .venv, else python3; that Python needs memproxy installed
-# (pip install -e .) and, for the plot, uvloop and the profile: pip install -r bench/requirements.txt
+# Uses $PYTHON, else the repository's .venv, else python3; that Python needs memproxy
+# (pip install -e .) and bench/requirements.txt. Runs `python -m bench.run` with this
+# checkout on the path, from any folder.
 set -e
-here=$(cd "$(dirname "$0")" && pwd)
-missing=""
-for tool in nginx wrk; do
-    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
-done
-if [ -n "$missing" ]; then
-    echo "bench: missing:$missing" >&2
-    echo "  Debian/Ubuntu: sudo apt-get install -y nginx wrk" >&2
-    echo "  (nginx does not need to run as a service: the benchmark starts its own instances)" >&2
-    exit 2
-fi
+root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$PYTHON" ]; then
-    if [ -x "$here/../.venv/bin/python" ]; then PYTHON="$here/../.venv/bin/python"; else PYTHON=python3; fi
+    if [ -x "$root/.venv/bin/python" ]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
-if ! "$PYTHON" -c "import memproxy, yaml" 2>/dev/null; then
-    echo "bench: $PYTHON cannot import memproxy; install it (pip install -e .) or set PYTHON=" >&2
+if ! "$PYTHON" -c "import memproxy, uvloop, yaml" 2>/dev/null; then
+    echo "bench: $PYTHON cannot import memproxy and uvloop; from $root:" >&2
+    echo "  pip install -e . -r bench/requirements.txt   (or set PYTHON=)" >&2
     exit 2
 fi
-exec "$PYTHON" "$here/run.py" "$@"
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m bench.run "$@"

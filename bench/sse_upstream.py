@@ -13,7 +13,7 @@ paths on to this server:
 Both echo the ``x-sm-user-id`` and ``User-Agent`` they received as
 ``x-echo-user-id`` and ``x-echo-ua``. Any other path gets a small JSON answer.
 
-Run: ``python sse_upstream.py PORT``.
+Run: ``python -m bench.sse_upstream PORT``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import json
 import sys
 import time
 from urllib.parse import parse_qs, urlsplit
+
+import uvloop
 
 SMALL_ANSWER = b'{"id":"bench","object":"chat.completion","choices":[]}'
 
@@ -164,16 +166,6 @@ async def serve(port: int) -> None:
         await server.serve_forever()
 
 
-def main() -> None:
-    port = int(sys.argv[1])
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(port))
-    else:
-        uvloop.run(serve(port))
-
-
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        main()
+        uvloop.run(serve(int(sys.argv[1])))

@@ -16,15 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# (User-Agent, the memory user id the bundled config gives it)
-CLIENTS: tuple[tuple[str, str], ...] = (
-    ("claude-cli/2.0.14 (external, cli)", "claude-code"),
-    ("OpenAIClientImpl/Java unknown", "jetbrains"),
-    ("codex_cli_rs/0.46.0 (Debian 12.0.0; x86_64) xterm-256color", "codex"),
-    ("AsyncAnthropic/Python 0.69.0", "anthropic-python"),
-    ("OpenAI/Python 1.109.1", "openai-python"),
-    ("curl/8.5.0", "curl"),
-)
+from bench.harness import CLIENTS
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The memproxy benchmark; run from the repository root, see README.md."""

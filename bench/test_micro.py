@@ -11,7 +11,6 @@ the server; the point is to compare steps and versions, not to add them up.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,9 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from memproxy.config import load_settings
 from memproxy.detection import build_detector_chain
-from memproxy.logs import configure_logging, log_request
+from memproxy.logs import RequestLog, configure_logging
 from memproxy.metrics import Metrics
+from memproxy.observers import RequestRecord
 from memproxy.routing import RoutingPolicy, client_request
 
 CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -38,13 +38,11 @@ CLIENT_HEADERS = CIMultiDictProxy(CIMultiDict((
     ("X-Stainless-Async", "false"), ("x-stainless-retry-count", "0"),
     ("x-stainless-read-timeout", "600"), ("Content-Length", "1024"),
 )))
-# The fields of one finished request, as the forwarder hands them to the log and metrics.
-LINE: dict[str, object] = {
-    "request_id": "9f0c1d2e3f405162", "method": "POST", "path": "/v1/chat/completions",
-    "user_id": "openai-python", "detector": "header_patterns", "bytes_in": 1024,
-    "upstream_ms": 0.412, "status": 200, "bytes_out": 246, "streamed": False,
-    "duration_ms": 0.633,
-}
+# One finished request, as the forwarder hands it to its observers.
+RECORD = RequestRecord(
+    "9f0c1d2e3f405162", "POST", "/v1/chat/completions", CLIENT_HEADERS,
+    user_id="openai-python", detector="header_patterns", ids_from_config=True, bytes_in=1024,
+    upstream_ms=0.412, status=200, bytes_out=246, streamed=False, duration_ms=0.633)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +56,7 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """memproxy's JSON log, written to a regular file as in the server's usual set-up."""
     path = tmp_path_factory.mktemp("micro") / "log"
     with path.open("w") as file:
-        with contextlib.redirect_stdout(file):  # the log binds stdout when configured
-            configure_logging("json", "info")
+        configure_logging("json", "info", file=file)
         yield path
 
 
@@ -83,12 +80,12 @@ def test_header_rewrite(benchmark: BenchmarkFixture, policy: RoutingPolicy) -> N
 
 
 def test_request_log_line(benchmark: BenchmarkFixture, log_file: Path) -> None:
-    benchmark(log_request, LINE)
+    benchmark(RequestLog().request_done, RECORD)
     last = json.loads(log_file.read_text().splitlines()[-1])
     assert (last["event"], last["user_id"]) == ("request", "openai-python")
 
 
 def test_metrics_observe(benchmark: BenchmarkFixture) -> None:
     metrics = Metrics()
-    benchmark(metrics.observe, LINE)
+    benchmark(metrics.request_done, RECORD)
     assert b'user_id="openai-python"' in metrics.render()[0]

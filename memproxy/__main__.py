@@ -35,6 +35,7 @@ from memproxy.config import (
 from memproxy.detection import DetectorChain, PluginError, build_detector_chain
 from memproxy.endpoints import RELOAD
 from memproxy.logs import bind_process, configure_logging
+from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.routing import Refusal, RoutingPolicy, client_request
 from memproxy.runner import STOP_SIGNALS, serve_until_signalled
 from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
@@ -265,10 +266,12 @@ def start(args: argparse.Namespace) -> int:
     if not _master_key_configured(settings):
         generated_key = "sk-memproxy-" + secrets.token_urlsafe(24)
         env["LITELLM_MASTER_KEY"] = generated_key
+    metrics = Metrics(UserIdLabels())
     supervisor = LiteLLMSupervisor(config=Path(settings.path), port=args.litellm_port, env=env,
-                                   ready_timeout=args.ready_timeout)
+                                   ready_timeout=args.ready_timeout,
+                                   on_restart=metrics.litellm_restarts.inc)
     _log_starting(settings, chain, litellm_url)
-    app = create_app(settings, chain=chain, supervisor=supervisor)
+    app = create_app(settings, chain=chain, supervisor=supervisor, metrics=metrics)
 
     def banner() -> None:
         url = f"http://{settings.host}:{settings.port}"
@@ -298,9 +301,14 @@ def start(args: argparse.Namespace) -> int:
 
 
 def format_chain(chain: DetectorChain) -> str:
-    lines = [f"  {i}. {link.name:<16} priority {link.priority:>4}  {link.description}"
-             + ("" if link.plugin.startswith("memproxy.") else f"  [plugin {link.plugin}]")
-             for i, link in enumerate(chain.links, 1)]
+    lines = []
+    for i, link in enumerate(chain.links, 1):
+        lines.append(f"  {i}. {link.name:<16} priority {link.priority:>4}  {link.description}"
+                     + ("" if link.plugin.startswith("memproxy.")
+                        else f"  [plugin {link.plugin}]"))
+        if link.options:
+            shown = ", ".join(f"{name}={value}" for name, value in link.options.items())
+            lines.append(f"     options: {shown}")
     return "\n".join(lines) if lines else "  (no detector enabled: every request gets the default)"
 
 

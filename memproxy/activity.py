@@ -5,15 +5,24 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 
+from memproxy.metrics import UserIdLabels
+from memproxy.observers import RequestRecord
+
 WINDOW_MINUTES = 60
 
 
 class ActivityWindow:
     """Counts requests per (bounded) user label for each of the last 60 minutes."""
 
-    def __init__(self, minutes: int = WINDOW_MINUTES) -> None:
+    def __init__(self, labels: UserIdLabels, minutes: int = WINDOW_MINUTES) -> None:
+        self.labels = labels
         self.minutes = minutes
         self._buckets: deque[tuple[int, Counter[str]]] = deque(maxlen=minutes)
+
+    def request_done(self, record: RequestRecord) -> None:
+        """Count a request that reached detection under its memory space's label."""
+        if record.detector is not None:
+            self.record(self.labels.label(record))
 
     def record(self, label: str, now: float | None = None) -> None:
         minute = int((time.time() if now is None else now) // 60)

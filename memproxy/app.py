@@ -13,7 +13,10 @@ from memproxy.admin import admin_only
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain, build_detector_chain
 from memproxy.endpoints import (
+    ACTIVITY,
     FORWARDER,
+    INBOX,
+    METRICS,
     RELOAD,
     STARTED,
     SUPERVISOR,
@@ -25,9 +28,10 @@ from memproxy.endpoints import (
     status_page_handler,
     unmatched_handler,
 )
-from memproxy.forwarding import SMALL_BODY, Forwarder
+from memproxy.forwarding import CLIENT_SESSION, SMALL_BODY, Forwarder
 from memproxy.inbox import UnmatchedInbox
-from memproxy.metrics import Metrics
+from memproxy.logs import RequestLog
+from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.reload import reload_config
 from memproxy.supervisor import LiteLLMSupervisor, supervised
 
@@ -44,19 +48,26 @@ def create_app(
     chain: DetectorChain | None = None,
     extra_plugins: Sequence[object] = (),
     supervisor: LiteLLMSupervisor | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The memproxy application for ``settings``.
 
     The detector chain is built here unless given; ``extra_plugins`` are
     registered beside the built-ins and installed plugins. With a
     ``supervisor``, LiteLLM is started before memproxy accepts requests and
-    stopped after the last one has finished.
+    stopped after the last one has finished; pass the ``metrics`` its restarts
+    are counted in.
     """
     if chain is None:
         chain = build_detector_chain(settings, extra_plugins=extra_plugins)
-    metrics = Metrics()
-    forwarder = Forwarder(settings, chain, metrics=metrics, inbox=UnmatchedInbox(),
-                          activity=ActivityWindow())
+    metrics = metrics if metrics is not None else Metrics(UserIdLabels())
+    inbox = UnmatchedInbox()
+    activity = ActivityWindow(metrics.user_ids)
+    # The order they run in: the log line first, so it is written even if another fails.
+    observers = (RequestLog(), metrics, inbox, activity)
+    forwarder = Forwarder(settings, chain, observers=observers,
+                          open_streams=metrics.streams_open,
+                          unavailable=supervisor.unavailable if supervisor else None)
     # memproxy.max_body_size is the Forwarder's to enforce (it follows a reload); the
     # Forwarder reads bodies piece by piece, so aiohttp's own limit only bounds the
     # endpoints memproxy answers itself. The handler arguments reach every server the
@@ -66,14 +77,16 @@ def create_app(
                                         "max_field_size": MAX_FIELD_SIZE,
                                         "keepalive_timeout": settings.timeouts.keepalive})
     app[FORWARDER] = forwarder
+    app[METRICS] = metrics
+    app[INBOX] = inbox
+    app[ACTIVITY] = activity
     app[STARTED] = time.monotonic()
     app[RELOAD] = lambda: reload_config(forwarder, extra_plugins)
-    app.cleanup_ctx.append(_client_session(settings, forwarder))
+    app.cleanup_ctx.append(_client_session(settings))
     if supervisor is not None:
         app[SUPERVISOR] = supervisor
-        forwarder.unavailable = supervisor.unavailable
-        supervisor.on_restart = metrics.litellm_restarts.inc
         app.cleanup_ctx.append(supervised(supervisor))
+
     def settings_of(request: web.Request) -> Settings:
         return request.app[FORWARDER].settings
 
@@ -89,15 +102,13 @@ def create_app(
     return app
 
 
-def _client_session(
-    settings: Settings, forwarder: Forwarder
-) -> Callable[[web.Application], AsyncIterator[None]]:
+def _client_session(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     """The one upstream ClientSession, open for the application's whole life."""
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         timeouts = settings.timeouts
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(
+        async with aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
                 total=timeouts.total, sock_connect=timeouts.connect,
@@ -106,12 +117,8 @@ def _client_session(
             auto_decompress=False,
             skip_auto_headers=SKIP_AUTO_HEADERS,
             cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        forwarder.session = session
-        try:
+        ) as session:
+            app[CLIENT_SESSION] = session
             yield
-        finally:
-            forwarder.session = None
-            await session.close()
 
     return session_ctx

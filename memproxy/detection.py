@@ -9,9 +9,10 @@ builds a new one.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -55,6 +56,10 @@ class ChainLink:
     plugin: str
     description: str
     detect: RequestDetectFunction
+    ids_from_config: bool = False
+    fallback: bool = False
+    #: The options in force, for operators (secrets shown as ``<set>``).
+    options: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,10 @@ class Decision:
     user_id: str
     detector: str
     reason: str
+    #: The id comes from the config (a bounded set of ids).
+    ids_from_config: bool = False
+    #: No detector recognised the client; a last resort decided.
+    fallback: bool = False
 
 
 class RejectedRequest(Exception):
@@ -108,14 +117,16 @@ class DetectorChain:
                             problem=check_id(user_id) if isinstance(user_id, str)
                             else f"returned {type(user_id).__name__}, not a string")
                 continue
-            return Decision(user_id, link.name, reason or link.description)
-        return Decision(self.fallback_user_id, "none", "no detector answered")
+            return Decision(user_id, link.name, reason or link.description,
+                            link.ids_from_config, link.fallback)
+        return Decision(self.fallback_user_id, "none", "no detector answered",
+                        ids_from_config=True, fallback=True)
 
     def describe(self) -> list[dict[str, Any]]:
         """The chain for operators: name, priority, plugin, description, in order."""
         return [
             {"name": link.name, "priority": link.priority, "plugin": link.plugin,
-             "description": link.description}
+             "description": link.description, "options": dict(link.options)}
             for link in self.links
         ]
 
@@ -202,13 +213,8 @@ class DetectorRegistry:
             enabled = spec.enabled_by_default if override.enabled is None else override.enabled
             if not enabled:
                 continue
-            if spec.options is not None:
-                for option in override.options:
-                    if option not in spec.options:
-                        known = ", ".join(sorted(spec.options)) or "none"
-                        raise ConfigError(f"memproxy.detectors.{name}.options.{option}",
-                                          "unknown option", f"options of {name}: {known}")
-            context = DetectorContext(options=override.options, settings=settings)
+            options, shown = _checked_options(name, spec, override.options)
+            context = DetectorContext(options=options, settings=settings)
             try:
                 detect = spec.build(context)
             except ConfigError:
@@ -221,9 +227,71 @@ class DetectorRegistry:
                                   f"a function, got {type(detect).__name__}")
             priority = spec.priority if override.priority is None else override.priority
             links.append(ChainLink(name, priority, plugin, spec.description,
-                                   _reading(spec, detect)))
+                                   _reading(spec, detect), spec.ids_from_config,
+                                   spec.fallback, shown))
         links.sort(key=lambda link: (-link.priority, link.name))
         return DetectorChain(tuple(links), settings.default_user_id)
+
+
+def _checked_options(
+    name: str, spec: DetectorSpec, given: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, object]]:
+    """The options a detector is built with, and how operators see them.
+
+    Declared options are type-checked and their defaults filled in; names the
+    detector did not declare are a config error naming the ones it has.
+    """
+    key = f"memproxy.detectors.{name}.options"
+    if spec.options is None:
+        return dict(given), {k: "<set>" for k in given}
+    declared = {option if isinstance(option, str) else option.name: option
+                for option in spec.options}
+    for option_name in given:
+        if option_name not in declared:
+            close = difflib.get_close_matches(option_name, sorted(declared), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            known = ", ".join(sorted(declared)) or "none"
+            raise ConfigError(f"{key}.{option_name}", "unknown option",
+                              f"{hint}options of {name}: {known}")
+    options: dict[str, Any] = {}
+    shown: dict[str, object] = {}
+    for option_name, option in declared.items():
+        if isinstance(option, str):
+            if option_name in given:
+                options[option_name] = shown[option_name] = given[option_name]
+            continue
+        value = given.get(option_name, option.default)
+        value = _coerce(value, option.type)
+        if value is not None or option.default is not None:
+            problem = _type_problem(value, option.type)
+            if problem is None and option.check is not None:
+                problem = option.check(value)
+            if problem is not None:
+                raise ConfigError(f"{key}.{option_name}", problem, option.help)
+        options[option_name] = value
+        shown[option_name] = ("<set>" if value else "<unset>") if option.secret else value
+    return options, shown
+
+
+def _coerce(value: Any, kind: type | tuple[type, ...]) -> Any:
+    """Values from ``os.environ/NAME`` are text: read them as the declared type."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, str) or str in kinds:
+        return value
+    if bool in kinds and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if int in kinds and value.lstrip("-").isascii() and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _type_problem(value: Any, kind: type | tuple[type, ...]) -> str | None:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return None
+    names = " or ".join({bool: "true/false", int: "a whole number", float: "a number",
+                         str: "text"}.get(k, k.__name__) for k in kinds)
+    return f"must be {names}, got {value!r}"
 
 
 def _reading(

@@ -12,14 +12,16 @@ import aiohttp
 from aiohttp import web
 
 from memproxy import __version__
+from memproxy.activity import ActivityWindow
 from memproxy.errors import dialect_of, error_response
-from memproxy.forwarding import Forwarder
+from memproxy.forwarding import CLIENT_SESSION, Forwarder
+from memproxy.inbox import UnmatchedInbox
+from memproxy.metrics import Metrics
 from memproxy.reload import ReloadResult
 from memproxy.routing import Refusal, client_request
-from memproxy.supervisor import LiteLLMSupervisor
+from memproxy.supervisor import LIVELINESS_PATH, LiteLLMSupervisor
 from memproxy.workers import WORKER_ENV
 
-LIVELINESS_PATH = "/health/liveliness"
 HEALTH_TIMEOUT = 2.0
 
 
@@ -40,12 +42,11 @@ async def info_handler(request: web.Request) -> web.Response:
                               exc.code)
 
 
-async def litellm_alive(forwarder: Forwarder) -> tuple[bool, str]:
+async def litellm_alive(app: web.Application) -> tuple[bool, str]:
     """Ask LiteLLM's unauthenticated liveliness probe; ``(ok, detail)``."""
-    assert forwarder.session is not None
     try:
-        async with forwarder.session.get(
-            forwarder.upstream + LIVELINESS_PATH,
+        async with app[CLIENT_SESSION].get(
+            app[FORWARDER].upstream + LIVELINESS_PATH,
             timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT),
         ) as response:
             await response.read()
@@ -64,7 +65,7 @@ async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
     if supervisor is not None and not supervisor.ready:
         ok, detail = False, "restarting"
     else:
-        ok, detail = await litellm_alive(forwarder)
+        ok, detail = await litellm_alive(app)
     if supervisor is not None:
         litellm.update(supervised=True, pid=supervisor.pid, restarts=supervisor.restarts)
     litellm.update(status="ok" if ok else "unavailable", detail=detail)
@@ -83,17 +84,14 @@ async def health_handler(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.app[FORWARDER].metrics
-    if metrics is None:
-        raise web.HTTPNotFound()
-    body, content_type = metrics.render()
+    body, content_type = request.app[METRICS].render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
 
 
 async def unmatched_handler(request: web.Request) -> web.Response:
-    inbox = request.app[FORWARDER].inbox
+    inbox = request.app[INBOX]
     text = request.query.get("limit", "50")
     # ASCII digits only: isdigit() alone also accepts '²' and '①', which int() refuses.
     if not (text.isascii() and text.isdigit()):
@@ -128,8 +126,8 @@ async def status_json_handler(request: web.Request) -> web.Response:
         default_user_id=forwarder.settings.default_user_id,
         unidentified=forwarder.policy.unidentified,
         explicit_id_trust=forwarder.policy.trust.trust,
-        requests_last_hour=forwarder.activity.totals() if forwarder.activity else {},
-        unmatched=forwarder.inbox.top(20) if forwarder.inbox else [],
+        requests_last_hour=request.app[ACTIVITY].totals(),
+        unmatched=request.app[INBOX].top(20),
         worker=os.environ.get(WORKER_ENV),
     )
     return web.json_response(state)
@@ -144,6 +142,9 @@ async def status_page_handler(request: web.Request) -> web.Response:
 
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
+METRICS = web.AppKey("metrics", Metrics)
+INBOX = web.AppKey("inbox", UnmatchedInbox)
+ACTIVITY = web.AppKey("activity", ActivityWindow)
 SUPERVISOR = web.AppKey("supervisor", LiteLLMSupervisor)
 RELOAD: web.AppKey[Callable[[], ReloadResult]] = web.AppKey("reload")
 STARTED = web.AppKey("started", float)

@@ -11,22 +11,19 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 import aiohttp
 import structlog
 from aiohttp import hdrs, web
 from yarl import URL
 
-from memproxy.activity import ActivityWindow
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain
 from memproxy.errors import Dialect, dialect_of, error_response, stream_error_event
-from memproxy.inbox import UnmatchedInbox
-from memproxy.logs import log_request
-from memproxy.metrics import Metrics, succeeded
+from memproxy.observers import RequestObserver, RequestRecord
 from memproxy.routing import (
-    UNIDENTIFIED,
     Refusal,
     Route,
     RoutingPolicy,
@@ -42,6 +39,18 @@ DETECTOR_RESPONSE_HEADER = "x-memproxy-detector"
 RETRY_AFTER_SECONDS = "2"
 # The one expectation memproxy meets itself (RFC 9110, section 10.1.1).
 CONTINUE = "100-continue"
+
+
+#: The one upstream ClientSession, open for the application's whole life.
+CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+
+
+class Gauge(Protocol):
+    """A live count (the metrics' ``streams_open``)."""
+
+    def inc(self) -> None: ...
+
+    def dec(self) -> None: ...
 
 
 class BodyTooLarge(Exception):
@@ -60,19 +69,18 @@ class Forwarder:
         settings: Settings,
         chain: DetectorChain,
         *,
-        metrics: Metrics | None = None,
-        inbox: UnmatchedInbox | None = None,
-        activity: ActivityWindow | None = None,
+        observers: Sequence[RequestObserver] = (),
+        open_streams: Gauge | None = None,
+        unavailable: Callable[[], str | None] | None = None,
     ) -> None:
+        """``observers`` get each finished request's record, in order;
+        ``unavailable``, when memproxy runs LiteLLM itself, says why LiteLLM
+        cannot take requests right now, so clients get a quick 503, not a hang."""
         self.upstream = settings.litellm_url
         self.configure(settings, chain)
-        self.metrics = metrics
-        self.inbox = inbox
-        self.activity = activity
-        self.session: aiohttp.ClientSession | None = None
-        #: Set when memproxy runs LiteLLM itself: says why LiteLLM cannot take
-        #: requests right now, so clients get a quick 503 instead of a hang.
-        self.unavailable: Callable[[], str | None] | None = None
+        self.observers = tuple(observers)
+        self.open_streams = open_streams
+        self.unavailable = unavailable
 
     def configure(self, settings: Settings, chain: DetectorChain) -> None:
         """Take up a (re)loaded config: the routing policy and the limits.
@@ -85,20 +93,6 @@ class Forwarder:
         self.settings = settings
         self.max_body_size = settings.max_body_size
 
-    def _observe(self, line: dict[str, object], request: web.Request) -> None:
-        if self.metrics is not None:
-            self.metrics.observe(line)
-        detector = line.get("detector")
-        if self.inbox is not None and detector in UNIDENTIFIED:
-            self.inbox.record(request.headers)
-        if self.activity is not None and detector is not None:
-            user_id = line.get("user_id")
-            label = (self.metrics.user_ids.label(user_id, str(detector),
-                                                 admit=succeeded(line.get("status")))
-                     if self.metrics is not None and isinstance(user_id, str) else
-                     str(user_id) if user_id is not None else "none")
-            self.activity.record(label)
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
@@ -107,31 +101,29 @@ class Forwarder:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         path = request.path
         dialect = dialect_of(path, request.headers)
-        line: dict[str, object] = {
-            "request_id": request_id, "method": request.method, "path": path,
-        }
+        record = RequestRecord(request_id, request.method, path, request.headers)
         response: web.StreamResponse | None = None
         try:
-            response = await self._forward(request, dialect, line)
+            response = await self._forward(request, dialect, record)
             return response
         except asyncio.CancelledError:
-            line["status"] = 499  # the client went away; nginx's code for it
-            line.setdefault("error", "client disconnected")
+            record.status = 499  # the client went away; nginx's code for it
+            record.error = record.error or "client disconnected"
             raise
         finally:
-            if "status" not in line and response is not None:
-                line["status"] = response.status
-            line["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            log_request(line)
-            self._observe(line, request)
+            if record.status is None and response is not None:
+                record.status = response.status
+            record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+            for observer in self.observers:
+                observer.request_done(record)
 
     async def _forward(
-        self, request: web.Request, dialect: Dialect, line: dict[str, object]
+        self, request: web.Request, dialect: Dialect, record: RequestRecord
     ) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):
             # absolute-form ("GET http://host/") or CONNECT: memproxy only ever talks to
             # LiteLLM, so it is not a forward proxy for anywhere else.
-            line["error"] = "not an origin-form request target"
+            record.error = "not an origin-form request target"
             return error_response(dialect, 400, "memproxy only forwards paths to LiteLLM; "
                                   "send requests with a path such as /v1/chat/completions",
                                   "invalid_request_target")
@@ -142,20 +134,22 @@ class Forwarder:
         try:
             route = policy.route(client)
         except Refusal as exc:
-            line["error"] = exc.code
+            record.error = exc.code
             return error_response(dialect, exc.status, str(exc), exc.code)
-        line["user_id"] = route.user_id
-        line["detector"] = route.decision.detector
+        record.user_id = route.user_id
+        record.detector = route.decision.detector
+        record.ids_from_config = route.decision.ids_from_config
+        record.unrecognised = route.decision.fallback
 
         if self.unavailable is not None and (why := self.unavailable()) is not None:
-            line["error"] = why
+            record.error = why
             return error_response(dialect, 503, f"{why}; retry in a few seconds",
                                   "upstream_unavailable",
                                   headers={hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
 
         length = request.content_length
         if length is not None and length > self.max_body_size:
-            line["error"] = "body too large"
+            record.error = "body too large"
             return self._too_large(dialect)
 
         policy.rewrite_headers(headers, route)
@@ -170,7 +164,7 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
             body = None
-            line["bytes_in"] = 0
+            record.bytes_in = 0
         elif length is not None and length <= SMALL_BODY:
             await self._send_continue(request)
             chunks = []
@@ -178,52 +172,51 @@ class Forwarder:
                 while chunk := await self._next_chunk(request):
                     chunks.append(chunk)
             except BodyTimeout:
-                line["error"] = "client body timeout"
+                record.error = "client body timeout"
                 return self._too_slow(dialect)
             body = b"".join(chunks)
-            line["bytes_in"] = len(body)
+            record.bytes_in = len(body)
         else:
-            body = self._stream_body(request, line)
+            body = self._stream_body(request, record)
 
         url = URL(self.upstream + request.raw_path, encoded=True)
-        assert self.session is not None, "the client session starts with the application"
         upstream_started = time.perf_counter()
         try:
-            upstream = await self.session.request(
+            upstream = await request.app[CLIENT_SESSION].request(
                 request.method, url, headers=headers, data=body, allow_redirects=False,
             )
         except BodyTooLarge:
-            line["error"] = "body too large"
+            record.error = "body too large"
             return self._too_large(dialect)
         except aiohttp.ClientConnectorError as exc:
-            line["error"] = f"connect: {exc.os_error.strerror or exc.os_error!r}"
+            record.error = f"connect: {exc.os_error.strerror or exc.os_error!r}"
             return error_response(
                 dialect, 502, f"memproxy cannot reach LiteLLM at {self.upstream}: "
                 f"{exc.os_error.strerror or 'connection failed'}. Is LiteLLM running?",
                 "upstream_unreachable",
             )
         except TimeoutError:
-            line["error"] = "upstream timeout"
+            record.error = "upstream timeout"
             return error_response(
                 dialect, 504, "LiteLLM did not answer in time", "upstream_timeout",
             )
         except aiohttp.ClientError as exc:
             if _caused_by(exc, BodyTooLarge):
-                line["error"] = "body too large"
+                record.error = "body too large"
                 return self._too_large(dialect)
             if _caused_by(exc, BodyTimeout):  # aiohttp has dropped the upstream connection
-                line["error"] = "client body timeout"
+                record.error = "client body timeout"
                 return self._too_slow(dialect)
-            line["error"] = f"upstream: {type(exc).__name__}"
+            record.error = f"upstream: {type(exc).__name__}"
             return error_response(
                 dialect, 502, f"LiteLLM closed the connection before answering "
                 f"({type(exc).__name__})", "upstream_failed",
             )
 
         try:
-            line["upstream_ms"] = round((time.perf_counter() - upstream_started) * 1000, 3)
+            record.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
             return await self._relay(request, upstream, route,
-                                     dialect, line, upstream_started)
+                                     dialect, record, upstream_started)
         finally:
             upstream.release()
 
@@ -275,13 +268,13 @@ class Forwarder:
             raise BodyTimeout() from None
 
     async def _stream_body(
-        self, request: web.Request, line: dict[str, object]
+        self, request: web.Request, record: RequestRecord
     ) -> AsyncIterator[bytes]:
         await self._send_continue(request)
         seen = 0
         while chunk := await self._next_chunk(request):
             seen += len(chunk)
-            line["bytes_in"] = seen
+            record.bytes_in = seen
             if seen > self.max_body_size:
                 raise BodyTooLarge()
             yield chunk
@@ -292,14 +285,14 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         route: Route,
         dialect: Dialect,
-        line: dict[str, object],
+        record: RequestRecord,
         upstream_started: float,
     ) -> web.StreamResponse:
         headers = strip_hop_by_hop(upstream.headers)
         if route.user_id is not None:
             headers[USER_ID_RESPONSE_HEADER] = route.user_id
             headers[DETECTOR_RESPONSE_HEADER] = route.decision.detector
-        line["status"] = upstream.status
+        record.status = upstream.status
         length = upstream.content_length
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")
         is_event_stream = content_type.startswith("text/event-stream")
@@ -310,14 +303,14 @@ class Forwarder:
                 body = await upstream.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Nothing has reached the client yet, so it can still get a clean error.
-                line["error"] = f"upstream body: {type(exc).__name__}"
-                line["status"] = 502
+                record.error = f"upstream body: {type(exc).__name__}"
+                record.status = 502
                 return error_response(dialect, 502, "LiteLLM failed while sending its answer",
                                       "upstream_failed")
             del headers[hdrs.CONTENT_LENGTH]
-            line["first_byte_ms"] = round((time.perf_counter() - upstream_started) * 1000, 3)
-            line["bytes_out"] = len(body)
-            line["streamed"] = False
+            record.first_byte_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
+            record.bytes_out = len(body)
+            record.streamed = False
             return web.Response(status=upstream.status, reason=upstream.reason,
                                 body=body, headers=headers)
 
@@ -325,24 +318,24 @@ class Forwarder:
             headers["X-Accel-Buffering"] = "no"
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=headers)
-        line["streamed"] = True
+        record.streamed = True
         await response.prepare(request)
         sent = 0
-        if self.metrics is not None:
-            self.metrics.streams_open.inc()
+        if self.open_streams is not None:
+            self.open_streams.inc()
         try:
             async for chunk in upstream.content.iter_any():
                 if not sent:
-                    line["first_byte_ms"] = round(
+                    record.first_byte_ms = round(
                         (time.perf_counter() - upstream_started) * 1000, 3)
                 await response.write(chunk)
                 sent += len(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            line["error"] = f"upstream failed mid-stream: {type(exc).__name__}"
-            line["bytes_out"] = sent
+            record.error = f"upstream failed mid-stream: {type(exc).__name__}"
+            record.bytes_out = sent
             if isinstance(exc, aiohttp.ClientConnectionResetError) and request.transport is None:
-                line["error"] = "client disconnected mid-stream"
-                line["status"] = 499
+                record.error = "client disconnected mid-stream"
+                record.status = 499
                 return response
             if is_event_stream:
                 await response.write(stream_error_event(
@@ -355,9 +348,9 @@ class Forwarder:
                     request.transport.close()
             return response
         finally:
-            if self.metrics is not None:
-                self.metrics.streams_open.dec()
-        line["bytes_out"] = sent
+            if self.open_streams is not None:
+                self.open_streams.dec()
+        record.bytes_out = sent
         await response.write_eof()
         return response
 

@@ -24,7 +24,7 @@ and declaring the module in the ``memproxy.detectors`` entry-point group.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
@@ -93,10 +93,33 @@ class InvalidUserId(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class DetectorOption:
+    """One option a detector understands, declared with its type, default and help.
+
+    memproxy checks the configured value against ``type`` (and ``check``, when
+    given) before ``build`` runs, fills in the default, and ``check-config``
+    lists the options with their help.
+    """
+
+    name: str
+    #: One line for the operator.
+    help: str
+    #: The value when the config does not set one.
+    default: Any = None
+    #: The accepted type(s); ``None`` is accepted when it is the default.
+    type: type | tuple[type, ...] = str
+    #: Returns why a value is unusable, or ``None``.
+    check: Callable[[Any], str | None] | None = None
+    #: Shown as ``<set>`` / ``<unset>``, never as its value.
+    secret: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class DetectorContext:
     """What a detector's ``build`` function is given at start-up."""
 
-    #: ``memproxy.detectors.<name>.options`` from the config, or ``{}``.
+    #: ``memproxy.detectors.<name>.options`` from the config, checked and with
+    #: every declared option's default filled in.
     options: Mapping[str, Any]
     #: The whole validated configuration.
     settings: Settings
@@ -116,13 +139,22 @@ class DetectorSpec:
     description: str = ""
     #: Whether the detector runs when the config does not mention it.
     enabled_by_default: bool = True
-    #: Option names the detector understands; others are a config error.
-    #: ``None`` accepts any option.
-    options: frozenset[str] | None = field(default=None)
+    #: The options the detector understands (:class:`DetectorOption`); others
+    #: are a config error. A set of bare names is accepted too (unchecked
+    #: values), and ``None`` accepts any option.
+    options: Sequence[DetectorOption] | frozenset[str] | None = field(default=None)
     #: What the detect function is called with: the request ``headers`` (the
     #: usual case), or the whole ``request`` (a :class:`ClientRequest`, with
     #: path, query and the client's address).
     reads: Literal["headers", "request"] = "headers"
+    #: Every id this detector answers comes from the config (a bounded set), so
+    #: metrics may label each of them; ids from elsewhere (headers, keys) share
+    #: a bounded number of labels.
+    ids_from_config: bool = False
+    #: The detector answers for clients nobody recognised (a last resort): its
+    #: answers fall under ``memproxy.unidentified`` and fill the
+    #: unrecognised-client inbox.
+    fallback: bool = False
 
 
 @hookspec

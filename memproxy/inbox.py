@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from memproxy.identifiers import check_id
+from memproxy.observers import RequestRecord
 
 IDENTIFYING_HEADERS = ("user-agent", "x-app", "originator", "x-title",
                        "x-stainless-lang", "x-stainless-package-version")
@@ -112,6 +113,11 @@ class UnmatchedInbox:
     def __init__(self, capacity: int = 200) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[tuple[tuple[str, str], ...], Entry] = OrderedDict()
+
+    def request_done(self, record: RequestRecord) -> None:
+        """Keep the clients that no detector recognised."""
+        if record.unrecognised:
+            self.record(record.headers)
 
     def record(self, headers: Mapping[str, str]) -> None:
         key = tuple((name, headers[name][:MAX_VALUE_LENGTH])

@@ -29,6 +29,8 @@ import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, WrappedLogger
 
+from memproxy.observers import RequestRecord
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -108,6 +110,13 @@ _request_writer: Callable[[dict[str, object]], None] = _log_request_with_structl
 def log_request(line: dict[str, object]) -> None:
     """Write the canonical ``request`` line for one finished request."""
     _request_writer(line)
+
+
+class RequestLog:
+    """The observer that writes each request's canonical log line."""
+
+    def request_done(self, record: RequestRecord) -> None:
+        _request_writer(record.log_fields())
 
 
 def bind_process(**fields: object) -> None:

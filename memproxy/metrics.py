@@ -1,8 +1,9 @@
 """Prometheus metrics at ``GET /metrics``.
 
-Label sets stay bounded: user ids decided by ``header_patterns`` or
-``default`` come from the config, so they are always used as labels; ids from
-other detectors (explicit header, API-key hash, plugins) can be unbounded, so
+Label sets stay bounded: user ids from detectors that declare
+``ids_from_config`` (``header_patterns``, ``default``) come from the config, so
+they are always used as labels; ids from other detectors (explicit header,
+API-key hash, most plugins) can be unbounded, so
 only the first ``max_user_ids`` distinct ones get a label of their own and the
 rest are counted as ``other``. An id is only admitted to a label of its own by
 a request that LiteLLM answered with success, so clients making up keys or ids
@@ -26,8 +27,9 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
 
+from memproxy.observers import RequestRecord
+
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-CONFIG_BOUNDED_DETECTORS = frozenset({"header_patterns", "default"})
 OTHER = "other"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                    30, 60, 120, 300)
@@ -44,29 +46,30 @@ def route_of(path: str) -> str:
     return "other"
 
 
-def status_class(status: object) -> str:
-    return f"{status}"[0] + "xx" if isinstance(status, int) else "none"
-
-
-def succeeded(status: object) -> bool:
-    """Whether LiteLLM answered the request with success (2xx)."""
-    return isinstance(status, int) and 200 <= status < 300
+def status_class(status: int | None) -> str:
+    return f"{status}"[0] + "xx" if status is not None else "none"
 
 
 class UserIdLabels:
-    """Maps user ids to a bounded set of label values."""
+    """Maps user ids to a bounded set of label values; shared by metrics and the status page."""
 
-    def __init__(self, max_user_ids: int) -> None:
+    def __init__(self, max_user_ids: int = 100) -> None:
         self.max_user_ids = max_user_ids
         self._admitted: set[str] = set()
 
-    def label(self, user_id: str | None, detector: str | None, *, admit: bool = True) -> str:
-        """The label for ``user_id``; a new unbounded id gets one only when ``admit``."""
+    def label(self, record: RequestRecord) -> str:
+        """The label for the record's user id.
+
+        A new id from an unbounded detector gets a label of its own only when
+        LiteLLM answered its request with success, so clients making up ids
+        cannot use up the label slots.
+        """
+        user_id = record.user_id
         if user_id is None:
             return "none"
-        if detector in CONFIG_BOUNDED_DETECTORS or user_id in self._admitted:
+        if record.ids_from_config or user_id in self._admitted:
             return user_id
-        if admit and len(self._admitted) < self.max_user_ids:
+        if record.succeeded and len(self._admitted) < self.max_user_ids:
             self._admitted.add(user_id)
             return user_id
         return OTHER
@@ -75,8 +78,8 @@ class UserIdLabels:
 class Metrics:
     """memproxy's metrics; one instance per application."""
 
-    def __init__(self, max_user_ids: int = 100) -> None:
-        self.user_ids = UserIdLabels(max_user_ids)
+    def __init__(self, labels: UserIdLabels | None = None) -> None:
+        self.user_ids = labels if labels is not None else UserIdLabels()
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
@@ -105,16 +108,11 @@ class Metrics:
         self._request_counters: dict[tuple[str, str, str, str], Counter] = {}
         self._route_children: dict[str, _RouteChildren] = {}
 
-    def observe(self, line: dict[str, object]) -> None:
-        """Count one finished request from its canonical log line."""
-        route = route_of(str(line.get("path", "")))
-        detector = line.get("detector")
-        detector = detector if isinstance(detector, str) else None
-        user_id = line.get("user_id")
-        status = line.get("status")
-        key = (self.user_ids.label(user_id if isinstance(user_id, str) else None, detector,
-                                   admit=succeeded(status)),
-               detector or "none", status_class(status), route)
+    def request_done(self, record: RequestRecord) -> None:
+        """Count one finished request."""
+        route = route_of(record.path)
+        key = (self.user_ids.label(record), record.detector or "none",
+               status_class(record.status), route)
         counter = self._request_counters.get(key)
         if counter is None:
             counter = self._request_counters[key] = self.requests.labels(*key)
@@ -122,18 +120,14 @@ class Metrics:
         per_route = self._route_children.get(route)
         if per_route is None:
             per_route = self._route_children[route] = _RouteChildren(self, route)
-        upstream_ms = line.get("upstream_ms")
-        if isinstance(upstream_ms, float):
-            per_route.upstream_latency.observe(upstream_ms / 1000)
-        first_byte_ms = line.get("first_byte_ms")
-        if isinstance(first_byte_ms, float):
-            per_route.first_byte.observe(first_byte_ms / 1000)
-        bytes_in = line.get("bytes_in")
-        if isinstance(bytes_in, int) and bytes_in:
-            per_route.bytes_in.inc(bytes_in)
-        bytes_out = line.get("bytes_out")
-        if isinstance(bytes_out, int) and bytes_out:
-            per_route.bytes_out.inc(bytes_out)
+        if record.upstream_ms is not None:
+            per_route.upstream_latency.observe(record.upstream_ms / 1000)
+        if record.first_byte_ms is not None:
+            per_route.first_byte.observe(record.first_byte_ms / 1000)
+        if record.bytes_in:
+            per_route.bytes_in.inc(record.bytes_in)
+        if record.bytes_out:
+            per_route.bytes_out.inc(record.bytes_out)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text, summed over all workers in multiprocess mode."""

@@ -29,8 +29,6 @@ HOP_BY_HOP = frozenset({
 })
 SUPERMEMORY_KEY_HEADER = "x-supermemory-api-key"
 LITELLM_END_USER_HEADER = "x-litellm-end-user-id"
-# The decisions that mean "no detector recognised this client".
-UNIDENTIFIED = frozenset({"default", "none"})
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -184,7 +182,7 @@ class RoutingPolicy:
             decision = self.chain.detect_user(request)
         except RejectedRequest as exc:
             raise Refusal(400, "invalid_user_id", str(exc)) from None
-        if decision.detector in UNIDENTIFIED:
+        if decision.fallback:
             if self.unidentified == "refuse":
                 raise Refusal(403, "unidentified_client",
                               f"memproxy could not tell which client this is, and this proxy "

@@ -74,7 +74,9 @@ class LiteLLMSupervisor:
         stop_timeout: float = 10.0,
         max_backoff: float = 30.0,
         executable: str | None = None,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
+        """``on_restart`` is called each time LiteLLM is restarted (metrics count them)."""
         self.config = config
         self.port = port
         self.host = host
@@ -85,8 +87,7 @@ class LiteLLMSupervisor:
         self.max_backoff = max_backoff
         self.executable = executable
         self.restarts = 0
-        #: Called each time LiteLLM is restarted (metrics count them).
-        self.on_restart: Callable[[], None] | None = None
+        self.on_restart = on_restart
         self.ready = False
         self.last_lines: deque[str] = deque(maxlen=40)
         self._process: asyncio.subprocess.Process | None = None

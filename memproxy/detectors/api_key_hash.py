@@ -29,6 +29,7 @@ from memproxy import (
     ConfigError,
     Detection,
     DetectorContext,
+    DetectorOption,
     DetectorSpec,
     RequestDetectFunction,
     hookimpl,
@@ -100,9 +101,27 @@ def _custom_key_header(litellm_sections: Mapping[str, object]) -> str | None:
     return name.lower() if isinstance(name, str) and name else None
 
 
+def _prefix_problem(prefix: str) -> str | None:
+    if prefix and check_id(prefix + "0") is not None:
+        return f"{prefix!r} cannot start a user id; use letters, digits and . _ - : @ +"
+    return None
+
+
+OPTIONS = (
+    DetectorOption("secret", f"the HMAC key, at least {MIN_SECRET_LENGTH} characters; "
+                   f"${SECRET_ENV} when unset; the same on every replica", secret=True),
+    DetectorOption("prefix", "put before the hex digits of every id", "key-",
+                   check=_prefix_problem),
+    DetectorOption("length", "hex digits of the hash kept in the id (8 to 64)", 16, int,
+                   check=lambda n: None if 8 <= n <= 64 else f"must be from 8 to 64, got {n}"),
+    DetectorOption("per_tool", "one memory space per key and tool (the header_patterns id)",
+                   False, bool),
+)
+
+
 def build(ctx: DetectorContext) -> RequestDetectFunction:
     options = ctx.options
-    secret = options.get("secret") or os.environ.get(SECRET_ENV)
+    secret = options["secret"] or os.environ.get(SECRET_ENV)
     if not isinstance(secret, str) or len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError(
             f"{KEY}.secret",
@@ -110,17 +129,9 @@ def build(ctx: DetectorContext) -> RequestDetectFunction:
             f"set {SECRET_ENV} (e.g. export {SECRET_ENV}=$(openssl rand -hex 32)) or "
             f"options.secret: os.environ/NAME; use the same secret on every replica",
         )
-    prefix = options.get("prefix", "key-")
-    if not isinstance(prefix, str) or (prefix and check_id(prefix + "0") is not None):
-        raise ConfigError(f"{KEY}.prefix", f"{prefix!r} cannot start a user id",
-                          "use letters, digits and . _ - : @ +")
-    length = options.get("length", 16)
-    if isinstance(length, bool) or not isinstance(length, int) or not 8 <= length <= 64:
-        raise ConfigError(f"{KEY}.length", f"must be a whole number from 8 to 64, got {length!r}",
-                          "16 hex digits (64 bits) is plenty for telling keys apart")
-    per_tool = options.get("per_tool", False)
-    if not isinstance(per_tool, bool):
-        raise ConfigError(f"{KEY}.per_tool", f"must be true or false, got {per_tool!r}")
+    prefix: str = options["prefix"]
+    length: int = options["length"]
+    per_tool: bool = options["per_tool"]
     if per_tool:
         longest = max((len(rule.user_id) for rule in ctx.settings.header_patterns), default=0)
         if len(prefix) + length + len(TOOL_SEPARATOR) + longest > MAX_ID_LENGTH:
@@ -151,6 +162,6 @@ def build(ctx: DetectorContext) -> RequestDetectFunction:
 def memproxy_detectors() -> list[DetectorSpec]:
     return [DetectorSpec(
         name="api_key_hash", priority=90, build=build, enabled_by_default=False,
-        options=frozenset({"secret", "prefix", "length", "per_tool"}), reads="request",
+        options=OPTIONS, reads="request",
         description="keyed hash (HMAC-SHA256) of the API key LiteLLM checks",
     )]

@@ -19,6 +19,7 @@ def build(ctx: DetectorContext) -> DetectFunction:
 @hookimpl
 def memproxy_detectors() -> list[DetectorSpec]:
     return [DetectorSpec(
-        name="default", priority=0, build=build, options=frozenset(),
+        name="default", priority=0, build=build, options=(), ids_from_config=True,
+        fallback=True,
         description="user_id_mappings.default_user_id for everything else",
     )]

@@ -37,6 +37,6 @@ def build(ctx: DetectorContext) -> DetectFunction:
 @hookimpl
 def memproxy_detectors() -> list[DetectorSpec]:
     return [DetectorSpec(
-        name="explicit_header", priority=100, build=build, options=frozenset(),
+        name="explicit_header", priority=100, build=build, options=(),
         description="the client's own x-memory-user-id header (user_id_mappings.custom_header)",
     )]

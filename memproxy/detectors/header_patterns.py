@@ -42,7 +42,7 @@ def build(ctx: DetectorContext) -> DetectFunction:
 @hookimpl
 def memproxy_detectors() -> list[DetectorSpec]:
     return [DetectorSpec(
-        name="header_patterns", priority=80, build=build, options=frozenset(),
+        name="header_patterns", priority=80, build=build, options=(), ids_from_config=True,
         description="regular expressions on User-Agent or any header "
                     "(user_id_mappings.header_patterns)",
     )]

@@ -18,10 +18,10 @@ from __future__ import annotations
 from multidict import CIMultiDictProxy
 
 from memproxy import (
-    ConfigError,
-    Detection,
     DetectFunction,
+    Detection,
     DetectorContext,
+    DetectorOption,
     DetectorSpec,
     hookimpl,
 )
@@ -29,13 +29,17 @@ from memproxy import (
 HEADERS = {"id": "x-openwebui-user-id", "email": "x-openwebui-user-email"}
 
 
+OPTIONS = (
+    DetectorOption("use", "which header names the user: id or email", "id",
+                   check=lambda use: None if use in HEADERS else
+                   f"must be 'id' or 'email', not {use!r}"),
+    DetectorOption("prefix", "put before the value", "openwebui-"),
+)
+
+
 def build(ctx: DetectorContext) -> DetectFunction:
-    use = ctx.options.get("use", "id")
-    if use not in HEADERS:
-        raise ConfigError("memproxy.detectors.openwebui.options.use",
-                          f"must be 'id' or 'email', not {use!r}")
-    header = HEADERS[use]
-    prefix = str(ctx.options.get("prefix", "openwebui-"))
+    header = HEADERS[ctx.options["use"]]
+    prefix = ctx.options["prefix"]
     reason = f"Open WebUI user from {header}"
 
     def detect(headers: CIMultiDictProxy[str]) -> Detection | None:
@@ -48,6 +52,7 @@ def build(ctx: DetectorContext) -> DetectFunction:
 @hookimpl
 def memproxy_detectors() -> list[DetectorSpec]:
     return [DetectorSpec(
-        name="openwebui", priority=90, build=build, options=frozenset({"use", "prefix"}),
+        # Above api_key_hash (90): Open WebUI calls LiteLLM with one key for all its users.
+        name="openwebui", priority=95, build=build, options=OPTIONS,
         description="the signed-in Open WebUI user (X-OpenWebUI-User-Id / -Email)",
     )]

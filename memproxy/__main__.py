@@ -27,13 +27,14 @@ from memproxy.config import (
     DEFAULT_PORT,
     ConfigError,
     Settings,
-    lint,
     load_settings,
     parse_rule,
+    reference,
     resolve_config_path,
 )
 from memproxy.detection import DetectorChain, PluginError, build_detector_chain
 from memproxy.endpoints import RELOAD
+from memproxy.litellm_lint import lint
 from memproxy.logs import bind_process, configure_logging
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.routing import Refusal, RoutingPolicy, client_request
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit status 0 when the config is usable, 2 when it is not.",
     )
     check.add_argument("--config", "-c", help=config_help)
+    check.add_argument("--keys", action="store_true",
+                       help="list every memproxy config key with its default and meaning")
 
     explain = commands.add_parser(
         "explain", help="show which user id a request with these headers would get",
@@ -174,7 +177,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:  # a flag mistake: reported before the config is read
         raise ConfigError("--workers", f"must be 1 or more, got {args.workers}")
     settings, chain = _load(args, host=args.host, port=args.port, litellm_url=args.litellm_url)
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log.format, settings.log.level)
     log = structlog.get_logger("memproxy")
     if args.workers > 1:
         if settings.port == 0:
@@ -255,7 +258,7 @@ def start(args: argparse.Namespace) -> int:
         raise ConfigError("--config", "start needs a config file for LiteLLM",
                           "run it in the folder with config.yaml, or pass --config FILE")
     find_litellm()  # fail early, with the install hint, before anything starts
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log.format, settings.log.level)
     log = structlog.get_logger("memproxy")
     for warning in lint(settings):
         log.warning("config_warning", message=warning)
@@ -312,14 +315,24 @@ def format_chain(chain: DetectorChain) -> str:
     return "\n".join(lines) if lines else "  (no detector enabled: every request gets the default)"
 
 
+def format_reference() -> str:
+    """Every config key as a Markdown table (docs/configuration.md holds the same)."""
+    lines = ["| key | default | what it does |", "| --- | --- | --- |"]
+    lines += [f"| `{key}` | `{default}` | {meaning} |" for key, default, meaning in reference()]
+    return "\n".join(lines)
+
+
 def check_config(args: argparse.Namespace) -> int:
+    if args.keys:
+        print(format_reference())
+        return 0
     settings, chain = _load(args)
     source = settings.path or "(no config file: built-in defaults)"
     print(f"config: {source}")
     print(f"listen: {settings.host}:{settings.port}  ->  LiteLLM at {settings.litellm_url}")
     print("detector chain (first answer wins):")
     print(format_chain(chain))
-    print(f"default user id: {settings.default_user_id}")
+    print(f"default user id: {settings.mappings.default_user_id}")
     warnings = lint(settings)
     for warning in warnings:
         print(f"\nWARNING: {warning}")
@@ -339,7 +352,8 @@ def explain(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.rule:
         rules = tuple(parse_rule(text) for text in args.rule)
-        settings = replace(settings, header_patterns=rules + settings.header_patterns)
+        settings = replace(settings, mappings=replace(
+            settings.mappings, header_patterns=rules + settings.mappings.header_patterns))
         for rule in rules:
             print(f"trying rule: {rule.header} ~ {rule.pattern.pattern!r} -> {rule.user_id}")
     chain = build_detector_chain(settings)

@@ -230,7 +230,7 @@ class DetectorRegistry:
                                    _reading(spec, detect), spec.ids_from_config,
                                    spec.fallback, shown))
         links.sort(key=lambda link: (-link.priority, link.name))
-        return DetectorChain(tuple(links), settings.default_user_id)
+        return DetectorChain(tuple(links), settings.mappings.default_user_id)
 
 
 def _checked_options(

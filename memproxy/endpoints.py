@@ -123,7 +123,7 @@ async def status_json_handler(request: web.Request) -> web.Response:
     _, state = await health(request.app)
     state.update(
         detector_chain=forwarder.policy.chain.describe(),
-        default_user_id=forwarder.settings.default_user_id,
+        default_user_id=forwarder.settings.mappings.default_user_id,
         unidentified=forwarder.policy.unidentified,
         explicit_id_trust=forwarder.policy.trust.trust,
         requests_last_hour=request.app[ACTIVITY].totals(),

@@ -12,15 +12,16 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from memproxy.config import ConfigError, Settings, lint, load_settings
+from memproxy.config import ConfigError, Settings, load_settings
 from memproxy.detection import PluginError, build_detector_chain
 from memproxy.forwarding import Forwarder
+from memproxy.litellm_lint import lint
 
 log = structlog.get_logger("memproxy")
 
 # Settings that belong to the running server: a reload notes them but cannot apply them.
-RESTART_ONLY = ("host", "port", "litellm_url", "timeouts", "max_header_size", "log_format",
-                "log_level", "event_loop")
+RESTART_ONLY = ("host", "port", "litellm_url", "timeouts", "max_header_size", "log",
+                "event_loop")
 
 
 @dataclass(frozen=True)

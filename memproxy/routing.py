@@ -88,7 +88,7 @@ class InjectedHeaders:
         key = settings.headers.supermemory_api_key
         return cls(
             user_id=settings.headers.user_id,
-            custom_header=settings.custom_header,
+            custom_header=settings.mappings.custom_header,
             conversation_id=settings.headers.conversation_id,
             conversation_id_from=settings.headers.conversation_id_from,
             supermemory_api_key=key.reveal() if key else None,

@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memproxy.config import (
-    ConfigError,
-    goes_through_supermemory,
-    lint,
-    load_settings,
-    parse_settings,
-)
+from memproxy.config import ConfigError, load_settings, parse_settings
+from memproxy.litellm_lint import goes_through_supermemory, lint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,8 +47,8 @@ user_id_mappings:
 
 def test_seed_format_config_loads_unchanged(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, SEED_CONFIG))
-    assert [p.user_id for p in settings.header_patterns] == ["claude-code-user", "jetbrains-user"]
-    assert settings.custom_header == "x-memory-user-id"
+    assert [p.user_id for p in settings.mappings.header_patterns] == ["claude-code-user", "jetbrains-user"]
+    assert settings.mappings.custom_header == "x-memory-user-id"
     assert settings.port == 8764
     assert settings.litellm_url == "http://127.0.0.1:8765"
 
@@ -314,3 +309,15 @@ def test_bundled_patterns_match_what_real_clients_send(agent: str, expected: str
     result = run_cli("explain", "--config", str(ROOT / "config.yaml"), "-H", f"User-Agent: {agent}")
     assert result.returncode == 0, result.stderr
     assert f"user id:  {expected}\n" in result.stdout
+
+
+def test_every_config_key_is_documented_in_the_reference() -> None:
+    from memproxy.__main__ import format_reference
+    from memproxy.config import reference
+
+    documented = (ROOT / "docs" / "configuration.md").read_text()
+    assert format_reference() in documented, (
+        "docs/configuration.md is out of date: paste in the output of "
+        "'python -m memproxy check-config --keys'")
+    for key, _, meaning in reference():
+        assert meaning, f"{key} has no help text"

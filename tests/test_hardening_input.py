@@ -24,7 +24,7 @@ from memproxy.config import ConfigError, Settings, load_settings, parse_settings
 from memproxy.detection import build_detector_chain
 from memproxy.inbox import rule_as_yaml, suggest_rule
 from memproxy.routing import client_request
-from tests.conftest import ProxyFactory
+from tests.helpers import ProxyFactory
 
 HUGE = "9" * 400
 PASSWORD = "hunter2-secret"
@@ -223,7 +223,7 @@ def assert_suggestion_is_sound(fingerprint: dict[str, str]) -> None:
     if rule is None:
         return
     loaded = load_suggestion(rule_as_yaml(rule))
-    (pattern,) = loaded.header_patterns
+    (pattern,) = loaded.mappings.header_patterns
     assert (pattern.header, pattern.pattern.pattern, pattern.user_id) == (
         rule["header"], rule["pattern"], rule["user_id"])
     chain = build_detector_chain(loaded, entry_points=False)
@@ -270,7 +270,7 @@ def test_every_suggested_rule_loads_and_matches_only_its_client(
 def test_ids_yaml_would_misread_are_quoted(agent: str, user_id: str) -> None:
     rule = suggest_rule({"user-agent": agent})
     assert rule is not None
-    assert load_suggestion(rule_as_yaml(rule)).header_patterns[0].user_id == user_id
+    assert load_suggestion(rule_as_yaml(rule)).mappings.header_patterns[0].user_id == user_id
     assert_suggestion_is_sound({"user-agent": agent})
 
 

@@ -133,7 +133,8 @@ def build(ctx: DetectorContext) -> RequestDetectFunction:
     length: int = options["length"]
     per_tool: bool = options["per_tool"]
     if per_tool:
-        longest = max((len(rule.user_id) for rule in ctx.settings.header_patterns), default=0)
+        rules = ctx.settings.mappings.header_patterns
+        longest = max((len(rule.user_id) for rule in rules), default=0)
         if len(prefix) + length + len(TOOL_SEPARATOR) + longest > MAX_ID_LENGTH:
             raise ConfigError(f"{KEY}.length", f"ids with per_tool would be longer than "
                               f"{MAX_ID_LENGTH} characters", "use a shorter prefix, length or "

@@ -8,7 +8,7 @@ from memproxy import DetectFunction, Detection, DetectorContext, DetectorSpec, h
 
 
 def build(ctx: DetectorContext) -> DetectFunction:
-    answer = Detection(ctx.settings.default_user_id, "no other detector answered")
+    answer = Detection(ctx.settings.mappings.default_user_id, "no other detector answered")
 
     def detect(headers: CIMultiDictProxy[str]) -> Detection:
         return answer

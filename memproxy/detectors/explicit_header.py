@@ -16,7 +16,7 @@ from memproxy.identifiers import check_id
 
 
 def build(ctx: DetectorContext) -> DetectFunction:
-    header = ctx.settings.custom_header
+    header = ctx.settings.mappings.custom_header
 
     def detect(headers: CIMultiDictProxy[str]) -> str | None:
         values = headers.getall(header, ())

@@ -22,7 +22,7 @@ def rule_matcher(settings: Settings) -> RuleMatcher:
     rules = tuple(
         (rule.header, rule.pattern.search, rule.user_id,
          f"{rule.header} matches {rule.pattern.pattern!r}")
-        for rule in settings.header_patterns
+        for rule in settings.mappings.header_patterns
     )
 
     def match(headers: CIMultiDictProxy[str]) -> Detection | None:

@@ -166,15 +166,11 @@ class Forwarder:
             body = None
             record.bytes_in = 0
         elif length is not None and length <= SMALL_BODY:
-            await self._send_continue(request)
-            chunks = []
             try:
-                while chunk := await self._next_chunk(request):
-                    chunks.append(chunk)
+                body = await self._read_small_body(request)
             except BodyTimeout:
                 record.error = "client body timeout"
                 return self._too_slow(dialect)
-            body = b"".join(chunks)
             record.bytes_in = len(body)
         else:
             body = self._stream_body(request, record)
@@ -254,6 +250,18 @@ class Forwarder:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             # An interim answer: for aiohttp the response has not begun.
             request.writer.output_size = 0
+
+    async def _read_small_body(self, request: web.Request) -> bytes:
+        """A body with a small Content-Length, whole; see :meth:`_next_chunk` for stalls."""
+        content = request.content
+        if content.is_eof():
+            # It came with the head, as small bodies usually do: no timer needed.
+            return content.read_nowait()
+        await self._send_continue(request)
+        chunks = []
+        while chunk := await self._next_chunk(request):
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _next_chunk(self, request: web.Request) -> bytes:
         """The client's next body bytes, ``b""`` at the end.

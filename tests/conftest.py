@@ -2,148 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import gzip
-import json
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from memproxy import logs
-
 from memproxy.app import create_app
-from memproxy.config import Settings, parse_settings
-
-
-@dataclass
-class Received:
-    """One request as the fake LiteLLM saw it."""
-
-    method: str
-    path: str
-    query_string: str
-    raw_path: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    peer: object = None
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return values[0] if values else None
-
-    def all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
-
-
-@dataclass
-class FakeLiteLLM:
-    """A stand-in for LiteLLM with endpoints that misbehave on purpose."""
-
-    received: list[Received] = field(default_factory=list)
-    stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
-    server: TestServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return str(self.server.make_url("")).rstrip("/")
-
-    @property
-    def last(self) -> Received:
-        return self.received[-1]
-
-    async def record(self, request: web.Request) -> Received:
-        body = await request.read()
-        item = Received(request.method, request.path, request.query_string,
-                        request.raw_path, list(request.headers.items()), body,
-                        request.transport.get_extra_info("peername")
-                        if request.transport else None)
-        self.received.append(item)
-        return item
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        await self.record(request)
-        path = request.path
-        if path == "/health/liveliness":
-            return web.json_response("I'm alive!")
-        if path.startswith("/status/"):
-            code = int(path.rsplit("/", 1)[1])
-            return web.json_response({"error": {"message": "upstream says no"}}, status=code,
-                                     headers={"x-upstream": "kept"})
-        if path == "/redirect":
-            raise web.HTTPFound("/elsewhere")
-        if path == "/gzip":
-            return web.Response(body=gzip.compress(b'{"zipped": true}'),
-                                headers={"Content-Encoding": "gzip",
-                                         "Content-Type": "application/json"})
-        if path == "/big-response":
-            return web.Response(body=b"x" * (3 * 1024 * 1024))
-        if path == "/sse":
-            return await self.sse(request, count=int(request.query.get("n", 5)),
-                                  gap=float(request.query.get("gap", 0.05)))
-        if path == "/sse-then-reset":
-            return await self.sse(request, count=2, gap=0.01, reset=True)
-        if path == "/stall":
-            await asyncio.sleep(30)
-        if path == "/sse-then-stall":
-            return await self.sse(request, count=2, gap=0.01, stall=30)
-        if path == "/truncated":
-            response = web.StreamResponse(headers={"Content-Length": "1000"})
-            await response.prepare(request)
-            await response.write(b"0123456789")
-            assert request.transport is not None
-            request.transport.close()
-            return response
-        if path == "/echo-user":
-            user = request.headers.get("x-sm-user-id", "")
-            if request.query.get("stream"):
-                response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                       "x-echo-user-id": user})
-                await response.prepare(request)
-                for _ in range(3):
-                    await response.write(f"data: {user}\n\n".encode())
-                await response.write_eof()
-                return response
-            return web.Response(text=user, headers={"x-echo-user-id": user})
-        if path == "/endless":
-            return await self.endless(request)
-        return web.json_response({"ok": True, "path": path},
-                                 headers={"x-upstream": "kept"})
-
-    async def sse(self, request: web.Request, *, count: int, gap: float,
-                  reset: bool = False, stall: float = 0) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i in range(count):
-            await response.write(f"data: {json.dumps({'n': i})}\n\n".encode())
-            await asyncio.sleep(gap)
-        await asyncio.sleep(stall)
-        if reset:
-            assert request.transport is not None
-            request.transport.close()
-            return response
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    async def endless(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        try:
-            for i in range(600):
-                await response.write(f"data: {i}\n\n".encode())
-                await asyncio.sleep(0.05)
-        except (ConnectionError, asyncio.CancelledError):
-            self.stream_closed.set()
-            raise
-        return response
+from tests.helpers import (
+    FakeLiteLLM,
+    ProxyFactory,
+    ServeFactory,
+    ServeProcess,
+    make_settings,
+)
 
 
 @pytest.fixture
@@ -174,22 +53,6 @@ def json_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[T
         stdlib_logger.setLevel(level)
 
 
-def read_log(file: TextIO) -> list[dict[str, Any]]:
-    """The JSON lines written so far to a :func:`json_log_file`."""
-    file.flush()
-    return [json.loads(line) for line in Path(file.name).read_text().splitlines()]
-
-
-def make_settings(litellm_url: str, **sections: Any) -> Settings:
-    """Settings from config sections given as dicts, pointed at ``litellm_url``."""
-    raw: dict[str, Any] = {k: v for k, v in sections.items() if k != "memproxy"}
-    raw["memproxy"] = {"litellm_url": litellm_url, **sections.get("memproxy", {})}
-    return parse_settings(raw)
-
-
-ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
-
-
 @pytest.fixture
 def proxy(aiohttp_client: Any, fake_litellm: FakeLiteLLM) -> ProxyFactory:
     """Start memproxy in front of the fake LiteLLM; keyword args are config sections."""
@@ -202,3 +65,27 @@ def proxy(aiohttp_client: Any, fake_litellm: FakeLiteLLM) -> ProxyFactory:
         return client
 
     return start
+
+
+@pytest.fixture
+def serve_memproxy() -> Iterator[ServeFactory]:
+    """Start ``python -m memproxy serve`` on a free port and wait until it listens.
+
+    Called with the config file, the LiteLLM URL and any further flags (``env`` and
+    ``stdout`` go to :class:`subprocess.Popen`); stop it with :meth:`ServeProcess.stop`
+    to see its output. Whatever still runs after the test gets SIGTERM, and
+    SIGKILL if it has not exited within 30 s.
+    """
+    started: list[ServeProcess] = []
+
+    def start(config: Path, litellm_url: str, *args: str, env: dict[str, str] | None = None,
+              stdout: int = subprocess.PIPE) -> ServeProcess:
+        process = ServeProcess.launch(config, litellm_url, *args, env=env, stdout=stdout)
+        started.append(process)
+        process.wait_until_listening()
+        return process
+
+    yield start
+    for process in started:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.stop()

@@ -19,7 +19,6 @@ import hmac
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import unused_port
 
 HASH_SECRET = "load-test-hash-secret-0123456789"
 IDENTITIES = 50
@@ -123,12 +123,6 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def wait_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -208,7 +202,7 @@ async def drive(url: str, pid: int, *, total: int | None, duration: float | None
 async def run(*, total: int | None = 20_000, duration: float | None = None,
               concurrency: int = 200) -> Figures:
     """Start the echo upstream and memproxy, drive the load, stop both; return the figures."""
-    echo_port, proxy_port = free_port(), free_port()
+    echo_port, proxy_port = unused_port(), unused_port()
     children: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"

@@ -47,7 +47,8 @@ user_id_mappings:
 
 def test_seed_format_config_loads_unchanged(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, SEED_CONFIG))
-    assert [p.user_id for p in settings.mappings.header_patterns] == ["claude-code-user", "jetbrains-user"]
+    assert [p.user_id for p in settings.mappings.header_patterns] == [
+        "claude-code-user", "jetbrains-user"]
     assert settings.mappings.custom_header == "x-memory-user-id"
     assert settings.port == 8764
     assert settings.litellm_url == "http://127.0.0.1:8765"

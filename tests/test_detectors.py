@@ -18,7 +18,7 @@ from memproxy.detection import (
     RejectedRequest,
     build_detector_chain,
 )
-from tests.conftest import FakeLiteLLM, ProxyFactory
+from tests.helpers import FakeLiteLLM, ProxyFactory
 
 SECRET = "a-test-secret-of-enough-length"
 PATTERNS = [
@@ -148,7 +148,7 @@ def test_disabled_detector_is_skipped() -> None:
 
 
 def test_unknown_detector_in_config_names_the_installed_ones() -> None:
-    with pytest.raises(ConfigError, match="installed detectors: .*header_patterns") as caught:
+    with pytest.raises(ConfigError, match=r"installed detectors: .*header_patterns") as caught:
         chain_for({"memproxy": {"detectors": {"header_patern": {"priority": 1}}}})
     assert caught.value.key == "memproxy.detectors.header_patern"
 

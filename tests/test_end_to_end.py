@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
-import httpx
+from aiohttp.test_utils import unused_port
 
 from memproxy.supervisor import find_litellm
 
@@ -40,12 +40,6 @@ try:
     find_litellm()
 except Exception:  # pragma: no cover - only without the litellm extra
     pytest.skip("litellm is not installed (pip install -e '.[litellm]')", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -147,7 +141,7 @@ def start_chain(tmp: Path, provider: Provider, *, api_key_hash: bool,
                 env: dict[str, str]) -> Chain:
     config = tmp / "config.yaml"
     config.write_text(config_text(provider, api_key_hash=api_key_hash))
-    port = free_port()
+    port = unused_port()
     key = "sk-e2e-" + secrets.token_hex(16)
     log = tmp / "memproxy.log"
     full_env = {k: v for k, v in os.environ.items()
@@ -156,7 +150,7 @@ def start_chain(tmp: Path, provider: Provider, *, api_key_hash: bool,
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "memproxy", "start", "--config", str(config),
-             "--litellm-port", str(free_port()), "--memoryproxy-port", str(port)],
+             "--litellm-port", str(unused_port()), "--memoryproxy-port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)
     chain = Chain(process, f"http://127.0.0.1:{port}", key, log)
     deadline = time.monotonic() + START_TIMEOUT
@@ -409,7 +403,7 @@ def test_sigkill_of_memproxy_takes_litellm_with_it(plain: Chain) -> None:
 
 def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> None:
     """The README's quick start: bundled config, no keys at all, then the example client."""
-    port, litellm_port = free_port(), free_port()
+    port, litellm_port = unused_port(), unused_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("LITELLM_MASTER_KEY", "SUPERMEMORY_API_KEY", "LITELLM_CONFIG",
                         "LITELLM_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
@@ -447,7 +441,7 @@ def test_litellm_that_cannot_start_is_reported_with_its_last_output(tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if k != "LITELLM_MASTER_KEY"}
     result = subprocess.run(
         [sys.executable, "-m", "memproxy", "start", "--config", str(config),
-         "--litellm-port", str(free_port()), "--memoryproxy-port", str(free_port())],
+         "--litellm-port", str(unused_port()), "--memoryproxy-port", str(unused_port())],
         capture_output=True, text=True, timeout=START_TIMEOUT, env=env)
     assert result.returncode == 1
     assert "cannot start LiteLLM: LiteLLM exited with status" in result.stderr

@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import itertools
 import os
-import socket
 import time
 
-import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, unused_port
 from yarl import URL
 
-from tests.conftest import FakeLiteLLM, ProxyFactory
+from tests.helpers import FakeLiteLLM, ProxyFactory
+
 
 def raw_url(client: TestClient[web.Request, web.Application], path: str) -> URL:
     """The URL for ``path`` exactly as written, with no client-side normalisation."""
@@ -169,7 +169,7 @@ async def test_stream_events_arrive_one_by_one_as_sent(proxy: ProxyFactory) -> N
     # Six events 50 ms apart and the final [DONE] (written straight after the
     # last event's pause): each of the first six arrives on its own.
     assert events[:6] == [f'data: {{"n": {i}}}\n\n'.encode() for i in range(6)]
-    gaps = [b[0] - a[0] for a, b in zip(reads, reads[1:6])]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(reads[:6])]
     assert min(gaps) > 0.03, gaps
 
 
@@ -251,12 +251,6 @@ async def test_body_over_the_limit_gets_413(
     resp = await client.post("/v1/chat/completions", data=chunks())
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "request_too_large"
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_litellm_down_gets_502_in_the_clients_dialect(proxy: ProxyFactory) -> None:

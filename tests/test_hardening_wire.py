@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,14 +13,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import unused_port
 
 from memproxy.app import create_app
 from memproxy.config import Settings, load_settings
 from memproxy.endpoints import RELOAD
 from memproxy.runner import make_runner
-from tests.conftest import FakeLiteLLM, ProxyFactory, make_settings
-from tests.test_endpoints_and_logs import wait_for_port
+from tests.helpers import FakeLiteLLM, ProxyFactory, ServeFactory, make_settings, status_of
 
 CLIENT_KEY = "sk-secret-never-logged-0001"
 QUERY_KEY = "query-secret-never-logged-0002"
@@ -64,10 +59,6 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 5.0
                    if line.lower().startswith(b"content-length:")), 0)
     body = await asyncio.wait_for(reader.readexactly(length), timeout)
     return head, body
-
-
-def status_of(head: bytes) -> int:
-    return int(head.split(b" ", 2)[1])
 
 
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
@@ -298,35 +289,28 @@ MALFORMED = [
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_malformed_requests_are_logged_as_json_lines_without_their_secrets(
-    fake_litellm: FakeLiteLLM, tmp_path: Path, event_loop: str
+    fake_litellm: FakeLiteLLM, tmp_path: Path, event_loop: str, serve_memproxy: ServeFactory
 ) -> None:
-    port = unused_port()
     config = tmp_path / "config.yaml"
     config.write_text(f"memproxy:\n  event_loop: {event_loop}\n"
                       "  timeouts: {request_head: 0.5}\n  max_header_size: 32KiB\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "memproxy", "serve", "--config", str(config), "--port", str(port),
-         "--litellm-url", fake_litellm.url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-    try:
-        wait_for_port(port)
-        for request in MALFORMED:
-            async with connection(port) as (reader, writer):
-                writer.write(request.encode())
-                answer = await closed_within(reader, 5)
-            assert status_of(answer) == 400, request[:60]
-        async with connection(port) as (reader, writer):  # stops halfway through its head
-            writer.write(f"GET /v1/models?key={QUERY_KEY} HTTP/1.1\r\n"
-                         f"Authorization: Bearer {CLIENT_KEY}\r\n".encode())
-            assert status_of(await closed_within(reader, 5)) == 408
+    process = serve_memproxy(config, fake_litellm.url)
+    port = process.port
+    for request in MALFORMED:
         async with connection(port) as (reader, writer):
-            pads = "".join(f"X-Pad-{i}: {'a' * 9000}\r\n" for i in range(4))
-            writer.write(f"GET /v1/models?key={QUERY_KEY} HTTP/1.1\r\n"
-                         f"Authorization: Bearer {CLIENT_KEY}\r\n{pads}\r\n".encode())
-            assert status_of(await closed_within(reader, 5)) == 431
-    finally:
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=20)
+            writer.write(request.encode())
+            answer = await closed_within(reader, 5)
+        assert status_of(answer) == 400, request[:60]
+    async with connection(port) as (reader, writer):  # stops halfway through its head
+        writer.write(f"GET /v1/models?key={QUERY_KEY} HTTP/1.1\r\n"
+                     f"Authorization: Bearer {CLIENT_KEY}\r\n".encode())
+        assert status_of(await closed_within(reader, 5)) == 408
+    async with connection(port) as (reader, writer):
+        pads = "".join(f"X-Pad-{i}: {'a' * 9000}\r\n" for i in range(4))
+        writer.write(f"GET /v1/models?key={QUERY_KEY} HTTP/1.1\r\n"
+                     f"Authorization: Bearer {CLIENT_KEY}\r\n{pads}\r\n".encode())
+        assert status_of(await closed_within(reader, 5)) == 431
+    out, err = process.stop(signal.SIGINT, timeout=20)
     assert process.returncode == 0, err
     lines = (out + err).splitlines()
     records = [json.loads(line) for line in lines]  # every line is JSON

@@ -24,8 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from memproxy import ClientRequest, DetectorSpec, hookimpl
 from memproxy.detectors.api_key_hash import litellm_api_key
-from tests.conftest import FakeLiteLLM, ProxyFactory, read_log
-from tests.test_reliability import raw_exchange
+from tests.helpers import FakeLiteLLM, ProxyFactory, raw_exchange, read_log
 
 SECRET = "identity-hash-secret-0123456789"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"

@@ -13,9 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from memproxy.inbox import UnmatchedInbox, suggest_rule
-from tests.conftest import FakeLiteLLM, ProxyFactory
-from tests.test_endpoints_and_logs import wait_for_port
-from tests.test_forwarding import unused_port
+from tests.helpers import FakeLiteLLM, ProxyFactory, ServeFactory
 
 PATTERNS = {"header_patterns": [
     {"header": "user-agent", "pattern": "^claude-cli/", "user_id": "claude-code"}]}
@@ -133,49 +131,42 @@ def write_config(path: Path, user_id: str, extra: str = "") -> None:
 
 
 async def test_reload_swaps_the_detector_chain_without_dropping_a_stream(
-    fake_litellm: FakeLiteLLM, tmp_path: Path
+    fake_litellm: FakeLiteLLM, tmp_path: Path, serve_memproxy: ServeFactory
 ) -> None:
     config = tmp_path / "config.yaml"
     write_config(config, "zed-old")
-    port = unused_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "memproxy", "serve", "--config", str(config), "--port", str(port),
-         "--litellm-url", fake_litellm.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+    process = serve_memproxy(config, fake_litellm.url)
+    port = process.port
     url = f"http://127.0.0.1:{port}"
     zed = {"User-Agent": "Zed/1.0"}
-    try:
-        wait_for_port(port)
-        async with aiohttp.ClientSession() as session:
-            async with session.post(url + "/sse?n=20&gap=0.05", data=b"{}") as stream:
-                await stream.content.readline()
-                write_config(config, "zed-new")
-                process.send_signal(signal.SIGHUP)
-                await asyncio.sleep(0.5)
-                async with session.get(url + "/memory-routing/info", headers=zed) as resp:
-                    assert (await resp.json())["user_id"] == "zed-new"
+    async with aiohttp.ClientSession() as session, session.post(
+            url + "/sse?n=20&gap=0.05", data=b"{}") as stream:
+        await stream.content.readline()
+        write_config(config, "zed-new")
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        async with session.get(url + "/memory-routing/info", headers=zed) as resp:
+            assert (await resp.json())["user_id"] == "zed-new"
 
-                write_config(config, "zed-newer")
-                async with session.post(url + "/memory-routing/reload") as resp:
-                    assert resp.status == 200
-                    assert (await resp.json())["reloaded"] is True
-                async with session.get(url + "/memory-routing/info", headers=zed) as resp:
-                    assert (await resp.json())["user_id"] == "zed-newer"
+        write_config(config, "zed-newer")
+        async with session.post(url + "/memory-routing/reload") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["reloaded"] is True
+        async with session.get(url + "/memory-routing/info", headers=zed) as resp:
+            assert (await resp.json())["user_id"] == "zed-newer"
 
-                config.write_text("user_id_mappings:\n  header_patterns:\n"
-                                  "    - {header: user-agent, pattern: '(', user_id: x}\n")
-                async with session.post(url + "/memory-routing/reload") as resp:
-                    assert resp.status == 400
-                    body = await resp.json()
-                    assert body["reloaded"] is False
-                    assert "not a valid regular expression" in body["message"]
-                async with session.get(url + "/memory-routing/info", headers=zed) as resp:
-                    assert (await resp.json())["user_id"] == "zed-newer"  # the old one stays
-                rest = await stream.read()
-        assert rest.count(b"data: {") == 19  # the open stream was never disturbed
-    finally:
-        process.send_signal(signal.SIGTERM)
-        out, _ = process.communicate(timeout=30)
+        config.write_text("user_id_mappings:\n  header_patterns:\n"
+                          "    - {header: user-agent, pattern: '(', user_id: x}\n")
+        async with session.post(url + "/memory-routing/reload") as resp:
+            assert resp.status == 400
+            body = await resp.json()
+            assert body["reloaded"] is False
+            assert "not a valid regular expression" in body["message"]
+        async with session.get(url + "/memory-routing/info", headers=zed) as resp:
+            assert (await resp.json())["user_id"] == "zed-newer"  # the old one stays
+        rest = await stream.read()
+    assert rest.count(b"data: {") == 19  # the open stream was never disturbed
+    out, _ = process.stop(timeout=30)
     events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
     assert events.count("config_reloaded") == 2
     assert "config_reload_refused" in events

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import string
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from memproxy.config import parse_settings
 from memproxy.detection import build_detector_chain
 from memproxy.identifiers import is_valid_id
 from memproxy.routing import HOP_BY_HOP, Refusal, RoutingPolicy, client_request
-from tests.conftest import FakeLiteLLM, ProxyFactory
+from tests.helpers import FakeLiteLLM, ProxyFactory, raw_exchange, status_of
 
 SECRET = "explicit-id-shared-secret-0001"
 
@@ -131,37 +130,6 @@ async def test_litellm_reset_mid_body_gets_a_clean_502(proxy: ProxyFactory) -> N
 
 
 # -- hostile and malformed input ----------------------------------------------------------
-
-async def raw_exchange(client: TestClient[web.Request, web.Application], data: bytes,
-                       timeout: float = 5.0) -> bytes:
-    """Send raw bytes to memproxy and read until it closes or goes quiet."""
-    assert client.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
-    writer.write(data)
-    await writer.drain()
-    chunks = []
-    try:
-        while True:
-            chunk = await asyncio.wait_for(reader.read(65536), timeout)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks) and b"Connection: close" not in data:
-                head, _, rest = b"".join(chunks).partition(b"\r\n\r\n")
-                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")]
-                if length and len(rest) >= length[0]:
-                    break
-    except TimeoutError:
-        pass
-    finally:
-        writer.close()
-    return b"".join(chunks)
-
-
-def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
-
 
 async def still_serving(client: TestClient[web.Request, web.Application]) -> None:
     resp = await client.get("/v1/models")

@@ -9,8 +9,9 @@ import tempfile
 from html.parser import HTMLParser
 
 import pytest
+from aiohttp.test_utils import unused_port
 
-from tests.conftest import ProxyFactory
+from tests.helpers import ProxyFactory
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -77,8 +78,6 @@ async def test_status_page_shows_health_chain_spaces_and_unrecognised_clients(
 
 
 async def test_status_page_shows_litellm_down(proxy: ProxyFactory) -> None:
-    from tests.test_forwarding import unused_port
-
     client = await proxy(litellm_url=f"http://127.0.0.1:{unused_port()}")
     text = await render(str(client.make_url("/memory-routing/")))
     assert "degraded" in text

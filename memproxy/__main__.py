@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -36,6 +37,15 @@ from memproxy.detection import DetectorChain, PluginError, build_detector_chain
 from memproxy.endpoints import RELOAD
 from memproxy.litellm_lint import lint
 from memproxy.logs import bind_process, configure_logging
+from memproxy.memory.endpoints import (
+    BadRequest,
+    list_memories,
+    list_users,
+    memory_json,
+    parse_limit,
+    parse_user,
+)
+from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.routing import Refusal, RoutingPolicy, client_request
 from memproxy.runner import STOP_SIGNALS, serve_until_signalled
@@ -89,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--keys", action="store_true",
                        help="list every memproxy config key with its default and meaning")
 
+    memory = commands.add_parser(
+        "memory", help="see and erase what memproxy remembers (memproxy.memory.backend: local)",
+        description="See and erase the memories memproxy keeps, in the file of "
+                    "memproxy.memory.path; the same as the /memory-routing/memory endpoints.")
+    memory.add_argument("--config", "-c", help=config_help)
+    memory_commands = memory.add_subparsers(dest="memory_command", metavar="ACTION",
+                                            required=True)
+    listing = memory_commands.add_parser(
+        "list", help="users with their number of memories, or one user's memories")
+    listing.add_argument("user", nargs="?", help="a memory user id (none: list the users)")
+    listing.add_argument("--search", "-s", metavar="TEXT", help="the best matches for TEXT")
+    listing.add_argument("--limit", "-n", default="50", help="at most this many (default 50)")
+    export = memory_commands.add_parser("export", help="everything kept for a user, as JSON Lines")
+    export.add_argument("user")
+    delete = memory_commands.add_parser(
+        "delete", help="erase one memory, or all of a user's (gone from the file too)")
+    delete.add_argument("user")
+    delete.add_argument("id", nargs="?", help="the memory's id (none: all of the user's)")
+
     explain = commands.add_parser(
         "explain", help="show which user id a request with these headers would get",
         description="Dry run of detection, offline: which user id a request with these "
@@ -133,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return start(args)
         if args.command == "check-config":
             return check_config(args)
+        if args.command == "memory":
+            return memory_command(args)
         return explain(args)
     except PluginError as exc:
         print(f"memproxy: plugin error: {exc}", file=sys.stderr)
@@ -338,6 +369,52 @@ def check_config(args: argparse.Namespace) -> int:
         print(f"\nWARNING: {warning}")
     if not warnings:
         print("ok")
+    return 0
+
+
+def memory_command(args: argparse.Namespace) -> int:
+    """``memproxy memory ...``: the admin API's functions on the memory file itself."""
+    settings = load_settings(args.config)
+    if settings.memory.backend != "local":
+        raise ConfigError("memproxy.memory.backend",
+                          f"is {settings.memory.backend}: memproxy keeps no memory of its own",
+                          "set memproxy.memory.backend: local")
+    return asyncio.run(_memory_command(args, SqliteMemoryStore(settings.memory_file)))
+
+
+async def _memory_command(args: argparse.Namespace, store: SqliteMemoryStore) -> int:
+    try:
+        await store.open()
+        if args.memory_command == "list" and args.user is None:
+            users = await list_users(store)
+            for user in users:
+                print(f"{user['user_id']:<40} {user['memories']:>8} memories, "
+                      f"last {user['last_write']}")
+            if not users:
+                print(f"no memories in {store.path}")
+        elif args.memory_command == "list":
+            for memory in await list_memories(store, parse_user(args.user),
+                                              query=args.search, limit=parse_limit(args.limit)):
+                text = " ".join(memory["text"].split())
+                print(f"[{memory['id']}] {memory['created_at']} {memory['role']}: "
+                      f"{text[:200]}{'...' if len(text) > 200 else ''}")
+        elif args.memory_command == "export":
+            for kept in await store.export(parse_user(args.user)):
+                print(json.dumps(memory_json(kept), ensure_ascii=False))
+        else:
+            user_id = parse_user(args.user)
+            if args.id is None:
+                deleted = await store.delete_user(user_id)
+            elif args.id.isascii() and args.id.isdigit():
+                deleted = await store.delete(user_id, int(args.id))
+            else:
+                raise BadRequest("a memory id is a whole number, as 'memory list USER' shows")
+            print(f"deleted {deleted} memories of {user_id}")
+    except BadRequest as exc:
+        print(f"memproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        await store.close()
     return 0
 
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from memproxy.activity import ActivityWindow
@@ -16,6 +17,7 @@ from memproxy.endpoints import (
     ACTIVITY,
     FORWARDER,
     INBOX,
+    MEMORY,
     METRICS,
     RELOAD,
     STARTED,
@@ -31,9 +33,14 @@ from memproxy.endpoints import (
 from memproxy.forwarding import CLIENT_SESSION, SMALL_BODY, Forwarder
 from memproxy.inbox import UnmatchedInbox
 from memproxy.logs import RequestLog
+from memproxy.memory.endpoints import memory_routes
+from memproxy.memory.sqlite import SqliteMemoryStore
+from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.reload import reload_config
 from memproxy.supervisor import LiteLLMSupervisor, supervised
+
+log = structlog.get_logger("memproxy")
 
 # Large enough for any header a real client sends; LiteLLM's own limit is similar.
 MAX_LINE_SIZE = 16 * 1024
@@ -65,9 +72,13 @@ def create_app(
     activity = ActivityWindow(metrics.user_ids)
     # The order they run in: the log line first, so it is written even if another fails.
     observers = (RequestLog(), metrics, inbox, activity)
+    memory = None
+    if settings.memory.backend == "local":
+        memory = MemoryStage(settings.memory, SqliteMemoryStore(settings.memory_file), metrics)
     forwarder = Forwarder(settings, chain, observers=observers,
                           open_streams=metrics.streams_open,
-                          unavailable=supervisor.unavailable if supervisor else None)
+                          unavailable=supervisor.unavailable if supervisor else None,
+                          memory=memory)
     # memproxy.max_body_size is the Forwarder's to enforce (it follows a reload); the
     # Forwarder reads bodies piece by piece, so aiohttp's own limit only bounds the
     # endpoints memproxy answers itself. The handler arguments reach every server the
@@ -83,6 +94,9 @@ def create_app(
     app[STARTED] = time.monotonic()
     app[RELOAD] = lambda: reload_config(forwarder, extra_plugins)
     app.cleanup_ctx.append(_client_session(settings))
+    if memory is not None:
+        app[MEMORY] = memory
+        app.cleanup_ctx.append(_memory(memory))
     if supervisor is not None:
         app[SUPERVISOR] = supervisor
         app.cleanup_ctx.append(supervised(supervisor))
@@ -98,8 +112,28 @@ def create_app(
     app.router.add_get("/health", health_handler)
     app.router.add_get("/metrics", admin_only(
         metrics_handler, settings_of, open_to_anyone=lambda admin: admin.metrics == "anyone"))
+    for method, path, handler in memory_routes(
+            lambda request: memory.store if memory is not None else None,
+            lambda request: "memproxy keeps no memory itself (memproxy.memory.backend is "
+                            f"{settings.memory.backend}); set it to local"):
+        app.router.add_route(method, path, admin_only(handler, settings_of))
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=forwarder.expect)
     return app
+
+
+def _memory(memory: MemoryStage) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The memory store and its writer, open for the application's whole life."""
+
+    async def memory_ctx(app: web.Application) -> AsyncIterator[None]:
+        try:
+            await memory.store.open()
+        except Exception as exc:  # memproxy serves on without memory; /health says why
+            memory.degraded = f"cannot open the memory file: {type(exc).__name__}: {exc}"
+            log.error("memory_unavailable", error=memory.degraded)
+        async with memory.running():
+            yield
+
+    return memory_ctx
 
 
 def _client_session(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -201,6 +201,37 @@ class AdminAccess:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RecallSettings:
+    """``memproxy.memory.recall``: what goes into a conversation, and when."""
+
+    max_tokens: int = setting(1500, check=checks.whole_number(50, 100_000),
+                              help="the memory block's size at most (1 token = 4 bytes)")
+    when: str = setting("first_turn", check=checks.choice("first_turn", "every_turn"),
+                        help="first_turn: once per conversation, the same block after (prompt "
+                             "caches keep hitting); every_turn: afresh on each user message")
+    timeout_ms: int = setting(50, check=checks.whole_number(1, 60_000),
+                              help="a recall slower than this is skipped; the request goes on")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemorySettings:
+    """``memproxy.memory``: where conversations are remembered, and how they come back."""
+
+    backend: str = setting("off", check=checks.choice("off", "local", "supermemory"),
+                           help="local: memproxy keeps memory in an SQLite file; supermemory: "
+                                "headers only, the router keeps memory; off: none")
+    path: str = setting("memproxy-memory.db", check=checks.text,
+                        help="with backend: local, the SQLite file (relative: beside the config)")
+    for_unidentified: bool = setting(
+        False, check=checks.boolean,
+        help="give memory to requests only the default detector matched (they share one space)")
+    queue: int = setting(1000, check=checks.whole_number(1, 1_000_000),
+                         help="memories waiting to be written at most; more are dropped, "
+                              "counted and logged")
+    recall: RecallSettings = setting(RecallSettings)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogSettings:
     """``memproxy.log``."""
 
@@ -233,6 +264,7 @@ class Settings:
     detectors: Mapping[str, DetectorSettings] = setting(
         dict, check=_detectors, entries=DetectorSettings,
         help="per detector, by name: its priority, whether it runs, its options")
+    memory: MemorySettings = setting(MemorySettings)
     log: LogSettings = setting(LogSettings)
     event_loop: str = setting("asyncio", check=checks.choice(*EVENT_LOOPS),
                               help="asyncio, or uvloop (pip install 'memproxy[uvloop]')")
@@ -247,6 +279,14 @@ class Settings:
     def detector(self, name: str) -> DetectorSettings:
         return self.detectors.get(name, DetectorSettings())
 
+    @property
+    def memory_file(self) -> Path:
+        """``memory.path``, a relative one taken from the config file's folder."""
+        path = Path(self.memory.path).expanduser()
+        if path.is_absolute() or self.path is None:
+            return path
+        return self.path.parent / path
+
 
 #: Settings fields that are not keys of the ``memproxy`` section.
 _NOT_KEYS = frozenset({"mappings", "path", "litellm_sections"})
@@ -258,7 +298,8 @@ T = TypeVar("T")
 
 
 def _keys(cls: type[Any]) -> Iterator[dataclasses.Field[Any]]:
-    return (f for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS)
+    skip = _NOT_KEYS if cls is Settings else frozenset()
+    return (f for f in dataclasses.fields(cls) if f.name not in skip)
 
 
 def _is_section(item: dataclasses.Field[Any]) -> bool:

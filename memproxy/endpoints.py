@@ -16,6 +16,7 @@ from memproxy.activity import ActivityWindow
 from memproxy.errors import dialect_of, error_response
 from memproxy.forwarding import CLIENT_SESSION, Forwarder
 from memproxy.inbox import UnmatchedInbox
+from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics
 from memproxy.reload import ReloadResult
 from memproxy.routing import Refusal, client_request
@@ -75,6 +76,12 @@ async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
                      "uptime_s": round(time.monotonic() - app[STARTED], 1)},
         "litellm": litellm,
     }
+    memory = app.get(MEMORY)
+    if memory is not None:
+        # Memory failing never fails a request (they go on without it), so it does not
+        # make memproxy unhealthy for a load balancer; it is reported here for operators.
+        body["memory"] = ({"status": "degraded", "detail": memory.degraded}
+                          if memory.degraded else {"status": "ok"})
     return ok, body
 
 
@@ -145,6 +152,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 METRICS = web.AppKey("metrics", Metrics)
 INBOX = web.AppKey("inbox", UnmatchedInbox)
 ACTIVITY = web.AppKey("activity", ActivityWindow)
+MEMORY = web.AppKey("memory", MemoryStage)
 SUPERVISOR = web.AppKey("supervisor", LiteLLMSupervisor)
 RELOAD: web.AppKey[Callable[[], ReloadResult]] = web.AppKey("reload")
 STARTED = web.AppKey("started", float)

@@ -12,16 +12,18 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 import structlog
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain
 from memproxy.errors import Dialect, dialect_of, error_response, stream_error_event
+from memproxy.memory import MEMORIES_HEADER, InvalidMemoryMode
 from memproxy.observers import RequestObserver, RequestRecord
 from memproxy.routing import (
     Refusal,
@@ -30,6 +32,9 @@ from memproxy.routing import (
     client_request,
     strip_hop_by_hop,
 )
+
+if TYPE_CHECKING:
+    from memproxy.memory.stage import MemoryStage, Turn
 
 # Bodies up to this size are read whole: one write is cheaper than a stream.
 SMALL_BODY = 1024 * 1024
@@ -72,6 +77,7 @@ class Forwarder:
         observers: Sequence[RequestObserver] = (),
         open_streams: Gauge | None = None,
         unavailable: Callable[[], str | None] | None = None,
+        memory: MemoryStage | None = None,
     ) -> None:
         """``observers`` get each finished request's record, in order;
         ``unavailable``, when memproxy runs LiteLLM itself, says why LiteLLM
@@ -81,6 +87,8 @@ class Forwarder:
         self.observers = tuple(observers)
         self.open_streams = open_streams
         self.unavailable = unavailable
+        #: Recall and capture, when memproxy keeps memory itself.
+        self.memory = memory
 
     def configure(self, settings: Settings, chain: DetectorChain) -> None:
         """Take up a (re)loaded config: the routing policy and the limits.
@@ -175,6 +183,19 @@ class Forwarder:
         else:
             body = self._stream_body(request, record)
 
+        turn = None
+        if self.memory is not None and route.user_id is not None and isinstance(body, bytes):
+            try:
+                turn = await self._memory_turn(request, route, headers, body)
+            except InvalidMemoryMode as exc:
+                record.error = "invalid_memory_mode"
+                return error_response(dialect, 400, str(exc), "invalid_memory_mode")
+            if turn is not None:
+                record.memories = turn.injected
+                if turn.body is not body:
+                    body = turn.body
+                    del headers[hdrs.CONTENT_LENGTH]  # the client session sets the new one
+
         url = URL(self.upstream + request.raw_path, encoded=True)
         upstream_started = time.perf_counter()
         try:
@@ -211,10 +232,24 @@ class Forwarder:
 
         try:
             record.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
-            return await self._relay(request, upstream, route,
-                                     dialect, record, upstream_started)
+            return await self._relay(request, upstream, route, dialect, record,
+                                     upstream_started, turn)
         finally:
             upstream.release()
+
+    async def _memory_turn(self, request: web.Request, route: Route, headers: CIMultiDict[str],
+                           body: bytes) -> Turn | None:
+        """Recall into the request and prepare the capture of its answer, if it gets memory."""
+        assert self.memory is not None and route.user_id is not None
+        found = self.memory.applies(request.method, request.path, request.headers,
+                                    unrecognised=route.decision.fallback)
+        if found is None or not body:
+            return None
+        return await self.memory.before(
+            *found, body, user_id=route.user_id,
+            conversation=headers.get(self.policy.injected.conversation_id),
+            client=route.decision.detector,
+            user_agent=request.headers.get(hdrs.USER_AGENT, ""))
 
     def _too_large(self, dialect: Dialect) -> web.Response:
         return error_response(
@@ -295,11 +330,14 @@ class Forwarder:
         dialect: Dialect,
         record: RequestRecord,
         upstream_started: float,
+        turn: Turn | None,
     ) -> web.StreamResponse:
         headers = strip_hop_by_hop(upstream.headers)
         if route.user_id is not None:
             headers[USER_ID_RESPONSE_HEADER] = route.user_id
             headers[DETECTOR_RESPONSE_HEADER] = route.decision.detector
+        if turn is not None and turn.injected:
+            headers[MEMORIES_HEADER] = str(turn.injected)
         record.status = upstream.status
         length = upstream.content_length
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")
@@ -319,6 +357,9 @@ class Forwarder:
             record.first_byte_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
             record.bytes_out = len(body)
             record.streamed = False
+            if turn is not None:
+                turn.feed(body)
+                turn.finish(upstream.status, complete=True)
             return web.Response(status=upstream.status, reason=upstream.reason,
                                 body=body, headers=headers)
 
@@ -338,6 +379,8 @@ class Forwarder:
                         (time.perf_counter() - upstream_started) * 1000, 3)
                 await response.write(chunk)
                 sent += len(chunk)
+                if turn is not None:
+                    turn.feed(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             record.error = f"upstream failed mid-stream: {type(exc).__name__}"
             record.bytes_out = sent
@@ -360,6 +403,8 @@ class Forwarder:
                 self.open_streams.dec()
         record.bytes_out = sent
         await response.write_eof()
+        if turn is not None:
+            turn.finish(upstream.status, complete=True)
         return response
 
 

@@ -45,11 +45,12 @@ def lint(settings: Settings) -> list[str]:
 
     The memory user id and the Supermemory key belong to the models that go through
     the Supermemory router: there they must arrive, and no other provider should get
-    them. Only runs when the file holds LiteLLM sections: a memproxy-only file says
-    nothing about how LiteLLM is configured.
+    them. Only runs when the file holds LiteLLM sections (a memproxy-only file says
+    nothing about how LiteLLM is configured) and memory is not kept by memproxy itself.
     """
     sections = settings.litellm_sections
-    if not sections:
+    if not sections or settings.memory.backend == "local":
+        # memproxy keeps memory itself: where LiteLLM sends the headers gives no memory.
         return []
     routed, others = _model_routes(sections.get("model_list"))
     everywhere, listed = _forwarding(sections)

@@ -103,6 +103,20 @@ class Metrics:
         self.litellm_restarts = Counter("memproxy_litellm_restarts",
                                         "Times the supervised LiteLLM was restarted.",
                                         registry=registry)
+        self.memory_recall = Histogram(
+            "memproxy_memory_recall_seconds", "Time to recall memories for a new conversation.",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.memory_injected = Counter(
+            "memproxy_memory_injected", "Memories recalled into requests.", registry=registry)
+        self.memory_skipped = Counter(
+            "memproxy_memory_skipped", "Requests that went on without memory, by reason.",
+            ["reason"], registry=registry)
+        self.memory_writes = Counter(
+            "memproxy_memory_writes", "Memories queued, written and dropped.", ["outcome"],
+            registry=registry)
+        self.memory_db_bytes = Gauge(
+            "memproxy_memory_db_bytes", "Size of the memory database.", registry=registry,
+            multiprocess_mode="max")
         # Looking a labelled child up by its label values costs more than the
         # increment itself, so the children are kept; the label sets are bounded.
         self._request_counters: dict[tuple[str, str, str, str], Counter] = {}
@@ -128,6 +142,21 @@ class Metrics:
             per_route.bytes_in.inc(record.bytes_in)
         if record.bytes_out:
             per_route.bytes_out.inc(record.bytes_out)
+
+    # -- what the memory stage reports (memproxy.memory.MemoryCounters) --
+
+    def recalled(self, seconds: float, memories: int) -> None:
+        self.memory_recall.observe(seconds)
+        if memories:
+            self.memory_injected.inc(memories)
+
+    def skipped(self, reason: str) -> None:
+        self.memory_skipped.labels(reason).inc()
+
+    def writes(self, *, queued: int = 0, written: int = 0, dropped: int = 0) -> None:
+        for outcome, count in (("queued", queued), ("written", written), ("dropped", dropped)):
+            if count:
+                self.memory_writes.labels(outcome).inc(count)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text, summed over all workers in multiprocess mode."""

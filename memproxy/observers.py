@@ -15,8 +15,8 @@ from typing import Protocol
 from multidict import CIMultiDictProxy
 
 #: The record's fields that go into the request log line, in the order written.
-LOG_FIELDS = ("request_id", "method", "path", "error", "user_id", "detector", "bytes_in",
-              "upstream_ms", "status", "first_byte_ms", "bytes_out", "streamed",
+LOG_FIELDS = ("request_id", "method", "path", "error", "user_id", "detector", "memories",
+              "bytes_in", "upstream_ms", "status", "first_byte_ms", "bytes_out", "streamed",
               "duration_ms")
 
 
@@ -40,6 +40,8 @@ class RequestRecord:
     status: int | None = None
     #: Why memproxy refused or failed the request, in a few words.
     error: str | None = None
+    #: Memories recalled into the request (``None``: memory did not take part).
+    memories: int | None = None
     bytes_in: int | None = None
     bytes_out: int | None = None
     streamed: bool | None = None

@@ -21,7 +21,7 @@ log = structlog.get_logger("memproxy")
 
 # Settings that belong to the running server: a reload notes them but cannot apply them.
 RESTART_ONLY = ("host", "port", "litellm_url", "timeouts", "max_header_size", "log",
-                "event_loop")
+                "event_loop", "memory")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ HOP_BY_HOP = frozenset({
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
 })
 SUPERMEMORY_KEY_HEADER = "x-supermemory-api-key"
+#: The client's per-request choice of what memory does (memproxy.memory); never forwarded.
+MEMORY_MODE_HEADER = "x-memory-mode"
 LITELLM_END_USER_HEADER = "x-litellm-end-user-id"
 
 
@@ -98,7 +100,8 @@ class InjectedHeaders:
     @property
     def request_drop(self) -> frozenset[str]:
         """Client headers never passed on: memproxy owns them, or they are per-hop."""
-        owned = {self.user_id, self.custom_header, SUPERMEMORY_KEY_HEADER, "host"}
+        owned = {self.user_id, self.custom_header, SUPERMEMORY_KEY_HEADER, MEMORY_MODE_HEADER,
+                 "host"}
         if self.litellm_end_user_id:
             owned.add(LITELLM_END_USER_HEADER)
         return frozenset(owned)

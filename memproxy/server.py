@@ -67,8 +67,10 @@ class LimitedRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         in_head = bool(data) and self.transport is not None and (
             self._body is None or self._body.is_eof())
-        # Checked before aiohttp's parser buffers the bytes.
-        if in_head and self._head_size(data) > self._limits.max_size:
+        # Checked before aiohttp's parser buffers the bytes; a read that is under the cap
+        # as a whole (most are) needs no search for the head's end.
+        if in_head and self._head_bytes + len(data) > self._limits.max_size \
+                and self._head_size(data) > self._limits.max_size:
             self._refuse(431, "request_headers_too_large",
                          f"the request line and headers are larger than memproxy's limit "
                          f"of {self._limits.max_size} bytes (memproxy.max_header_size)")

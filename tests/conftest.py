@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,6 +19,7 @@ from memproxy import logs
 from memproxy.app import create_app
 from tests.helpers import (
     FakeLiteLLM,
+    Provider,
     ProxyFactory,
     ServeFactory,
     ServeProcess,
@@ -89,3 +91,18 @@ def serve_memproxy() -> Iterator[ServeFactory]:
     for process in started:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.stop()
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
+    record = tmp_path_factory.mktemp("provider") / "requests.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "fake_provider.py"), "--port", "0",
+         "--record", str(record), "--delay", "0.02"],
+        stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("READY "), line
+    yield Provider(process, line.split()[1], record)
+    process.terminate()
+    process.wait(timeout=10)

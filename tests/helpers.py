@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import anthropic
+import httpx
+import openai
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, unused_port
 
@@ -282,3 +288,99 @@ CONFIG_WITH_SECRETS: dict[str, Any] = {
                                        "options": {"secret": HASH_SECRET}}},
     },
 }
+
+
+# -- the whole chain: memproxy start, the real LiteLLM, the fake provider ----------------
+
+START_TIMEOUT = 150.0
+
+
+@dataclass
+class Provider:
+    """The fake provider process and what it recorded."""
+
+    process: subprocess.Popen[str]
+    url: str
+    record: Path
+    seen: int = 0
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
+
+    def mark(self) -> None:
+        self.seen = len(self.records())
+
+    def new_calls(self) -> list[dict[str, Any]]:
+        """Model calls recorded since the last :meth:`mark`."""
+        calls = self.records()[self.seen:]
+        return [c for c in calls if c["path"].endswith(("/chat/completions", "/messages",
+                                                         "/responses"))]
+
+
+@dataclass
+class Chain:
+    """memproxy start, running LiteLLM, in front of the fake provider."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    key: str
+    log: Path
+    killed: bool = field(default=False)
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/health", timeout=5).json())
+
+    def litellm_pid(self) -> int:
+        return int(self.health()["litellm"]["pid"])
+
+    def openai(self, user_agent: str | None = None) -> openai.OpenAI:
+        headers = {"User-Agent": user_agent} if user_agent else {}
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0,
+                             default_headers=headers)
+
+    def anthropic(self, user_agent: str | None = None) -> anthropic.Anthropic:
+        headers = {"User-Agent": user_agent} if user_agent else {}
+        return anthropic.Anthropic(base_url=self.url, api_key=self.key, max_retries=0,
+                                   default_headers=headers)
+
+
+def start_chain(tmp: Path, config_text: str, env: dict[str, str]) -> Chain:
+    """``memproxy start`` on ``config_text`` in ``tmp``, ready to answer, with its own key."""
+    config = tmp / "config.yaml"
+    config.write_text(config_text)
+    port = unused_port()
+    key = "sk-e2e-" + secrets.token_hex(16)
+    log = tmp / "memproxy.log"
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("SUPERMEMORY_API_KEY", "LITELLM_CONFIG", "LITELLM_BASE_URL")}
+    full_env.update(env, LITELLM_MASTER_KEY=key)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "memproxy", "start", "--config", str(config),
+             "--litellm-port", str(unused_port()), "--memoryproxy-port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)
+    chain = Chain(process, f"http://127.0.0.1:{port}", key, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"memproxy start exited {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(chain.url + "/health", timeout=2).status_code == 200:
+                return chain
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_chain(chain)
+    pytest.fail(f"memproxy start was not ready in {START_TIMEOUT} s:\n{log.read_text()}")
+
+
+def stop_chain(chain: Chain) -> None:
+    if chain.process.poll() is None:
+        chain.process.send_signal(signal.SIGTERM)
+        try:
+            chain.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            chain.process.kill()
+            chain.process.wait()

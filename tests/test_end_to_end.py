@@ -9,103 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import httpx
-import openai
 import pytest
 from aiohttp.test_utils import unused_port
 
 from memproxy.supervisor import find_litellm
+from tests.helpers import START_TIMEOUT, Chain, Provider, start_chain, stop_chain
 
 ROOT = Path(__file__).resolve().parent.parent
 HASH_SECRET = "e2e-hash-secret-0123456789abcdef"
 SM_KEY = "sm-e2e-supermemory-key"
 CLAUDE_CODE_UA = "claude-cli/2.1.197 (external, cli)"
 JAVA_UA = "OpenAIClientImpl/Java"
-START_TIMEOUT = 150.0
 
 try:
     find_litellm()
 except Exception:  # pragma: no cover - only without the litellm extra
     pytest.skip("litellm is not installed (pip install -e '.[litellm]')", allow_module_level=True)
-
-
-@dataclass
-class Provider:
-    """The fake provider process and what it recorded."""
-
-    process: subprocess.Popen[str]
-    url: str
-    record: Path
-    seen: int = 0
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
-
-    def mark(self) -> None:
-        self.seen = len(self.records())
-
-    def new_calls(self) -> list[dict[str, Any]]:
-        """Model calls recorded since the last :meth:`mark`."""
-        calls = self.records()[self.seen:]
-        return [c for c in calls if c["path"].endswith(("/chat/completions", "/messages",
-                                                         "/responses"))]
-
-
-@pytest.fixture(scope="module")
-def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
-    record = tmp_path_factory.mktemp("provider") / "requests.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_provider.py"), "--port", "0",
-         "--record", str(record), "--delay", "0.02"],
-        stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("READY "), line
-    yield Provider(process, line.split()[1], record)
-    process.terminate()
-    process.wait(timeout=10)
-
-
-@dataclass
-class Chain:
-    """memproxy start, running LiteLLM, in front of the fake provider."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    key: str
-    log: Path
-    killed: bool = field(default=False)
-
-    def health(self) -> dict[str, Any]:
-        return dict(httpx.get(self.url + "/health", timeout=5).json())
-
-    def litellm_pid(self) -> int:
-        return int(self.health()["litellm"]["pid"])
-
-    def openai(self, user_agent: str | None = None) -> openai.OpenAI:
-        headers = {"User-Agent": user_agent} if user_agent else {}
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0,
-                             default_headers=headers)
-
-    def anthropic(self, user_agent: str | None = None) -> anthropic.Anthropic:
-        headers = {"User-Agent": user_agent} if user_agent else {}
-        return anthropic.Anthropic(base_url=self.url, api_key=self.key, max_retries=0,
-                                   default_headers=headers)
 
 
 def config_text(provider: Provider, *, api_key_hash: bool) -> str:
@@ -137,50 +66,11 @@ memproxy:
 """
 
 
-def start_chain(tmp: Path, provider: Provider, *, api_key_hash: bool,
-                env: dict[str, str]) -> Chain:
-    config = tmp / "config.yaml"
-    config.write_text(config_text(provider, api_key_hash=api_key_hash))
-    port = unused_port()
-    key = "sk-e2e-" + secrets.token_hex(16)
-    log = tmp / "memproxy.log"
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("SUPERMEMORY_API_KEY", "LITELLM_CONFIG", "LITELLM_BASE_URL")}
-    full_env.update(env, LITELLM_MASTER_KEY=key)
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "memproxy", "start", "--config", str(config),
-             "--litellm-port", str(unused_port()), "--memoryproxy-port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)
-    chain = Chain(process, f"http://127.0.0.1:{port}", key, log)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"memproxy start exited {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(chain.url + "/health", timeout=2).status_code == 200:
-                return chain
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_chain(chain)
-    pytest.fail(f"memproxy start was not ready in {START_TIMEOUT} s:\n{log.read_text()}")
-
-
-def stop_chain(chain: Chain) -> None:
-    if chain.process.poll() is None:
-        chain.process.send_signal(signal.SIGTERM)
-        try:
-            chain.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            chain.process.kill()
-            chain.process.wait()
-
-
 @pytest.fixture(scope="module")
 def with_memory(tmp_path_factory: pytest.TempPathFactory, provider: Provider) -> Iterator[Chain]:
     """The key hash on and a Supermemory key set."""
-    chain = start_chain(tmp_path_factory.mktemp("with_memory"), provider, api_key_hash=True,
+    chain = start_chain(tmp_path_factory.mktemp("with_memory"),
+                        config_text(provider, api_key_hash=True),
                         env={"SUPERMEMORY_API_KEY": SM_KEY})
     yield chain
     stop_chain(chain)
@@ -189,7 +79,8 @@ def with_memory(tmp_path_factory: pytest.TempPathFactory, provider: Provider) ->
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory, provider: Provider) -> Iterator[Chain]:
     """No key hash: unrecognised clients get the default."""
-    chain = start_chain(tmp_path_factory.mktemp("plain"), provider, api_key_hash=False,
+    chain = start_chain(tmp_path_factory.mktemp("plain"),
+                        config_text(provider, api_key_hash=False),
                         env={"SUPERMEMORY_API_KEY": SM_KEY})
     yield chain
     stop_chain(chain)

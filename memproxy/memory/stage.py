@@ -1,0 +1,239 @@
+"""The memory stage of the request path: recall before a request, capture after its answer.
+
+For a chat request of a client that has memory, :meth:`MemoryStage.before`
+reads the body in its API's dialect, finds the conversation, and adds the
+user's relevant memories from earlier conversations as one block (the same
+block on every request of a conversation, so prompt caches keep hitting).
+The returned :class:`Turn` reads the model's answer as it passes; once the
+answer ended well, the user's new message and the answer are queued for the
+store and written off the request path.
+
+Nothing here may make a request worse than no memory at all: a body it does
+not understand, a slow or failing store, a full queue — the request goes on
+exactly as the client sent it, and the reason is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+from multidict import CIMultiDictProxy
+
+from memproxy.config import MemorySettings
+from memproxy.memory import MODES, InvalidMemoryMode
+from memproxy.memory.dialects import AnswerReader, ApiFormat, Conversation, api_format, read_request
+from memproxy.memory.dialects import insert_block as insert_memory_block
+from memproxy.memory.store import MemoryStore, NewMemory
+from memproxy.routing import MEMORY_MODE_HEADER
+
+log = structlog.get_logger("memproxy.memory")
+
+MODE_HEADER = MEMORY_MODE_HEADER
+#: Writes handed to the store at once.
+WRITE_BATCH = 200
+#: How each memory starts in a block (see memproxy.memory.recall), for counting them.
+_SNIPPET = re.compile(r"^\[\d{4}-\d{2}-\d{2}\] ", re.MULTILINE)
+
+
+class MemoryCounters(Protocol):
+    """What the stage reports (the Prometheus metrics implement it)."""
+
+    def recalled(self, seconds: float, memories: int) -> None: ...
+
+    def skipped(self, reason: str) -> None: ...
+
+    def writes(self, *, queued: int = 0, written: int = 0, dropped: int = 0) -> None: ...
+
+
+@dataclass(slots=True)
+class Turn:
+    """One request's part in memory: the body to send, and the answer to capture."""
+
+    body: bytes
+    #: Memories in the block that went into the request (0: none).
+    injected: int
+    _stage: MemoryStage
+    _write: list[NewMemory] = field(default_factory=list)
+    _reader: AnswerReader | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        """A piece of the answer, as it passes to the client."""
+        if self._reader is not None:
+            self._reader.feed(chunk)
+
+    def finish(self, status: int, complete: bool) -> None:
+        """The answer ended; store the exchange if it was a whole, successful one."""
+        if self._reader is None or not (complete and 200 <= status < 300):
+            return
+        answer = self._reader.text()
+        if answer is None:
+            return
+        user = self._write[0]
+        self._stage.enqueue([*self._write, NewMemory(
+            user_id=user.user_id, conversation_id=user.conversation_id, role="assistant",
+            text=answer, created_at=time.time(), client=user.client,
+            user_agent=user.user_agent, model=user.model)])
+
+
+def conversation_id(user_id: str, given: str | None, conversation: Conversation) -> str | None:
+    """The client's conversation id, or one derived from the user and the first message.
+
+    A conversation resends its first message on every request, so the derived
+    id is the same for all of them and different for the next conversation.
+    """
+    if given:
+        return given
+    if not conversation.first_user_text:
+        return None
+    digest = hashlib.sha256(f"{user_id}\0{conversation.first_user_text}".encode())
+    return "c-" + digest.hexdigest()[:24]
+
+
+class MemoryStage:
+    """Recall and capture for every request that gets memory; one per application."""
+
+    def __init__(self, settings: MemorySettings, store: MemoryStore,
+                 counters: MemoryCounters) -> None:
+        self.settings = settings
+        self.store = store
+        self.counters = counters
+        self._queue: asyncio.Queue[list[NewMemory]] = asyncio.Queue(maxsize=settings.queue)
+        self._writer: asyncio.Task[None] | None = None
+        #: Why memory is not working right now (``None``: it is).
+        self.degraded: str | None = None
+
+    def applies(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
+                unrecognised: bool) -> tuple[ApiFormat, str] | None:
+        """The API and the memory mode of a request that may get memory, else ``None``.
+
+        Raises :class:`InvalidMemoryMode` for an unknown ``x-memory-mode``.
+        """
+        mode = headers.get(MODE_HEADER, "on").strip().lower()
+        if mode not in MODES:
+            raise InvalidMemoryMode(f"{MODE_HEADER} must be one of {', '.join(MODES)}, "
+                                    f"got {mode[:40]!r}")
+        if mode == "off" or (unrecognised and not self.settings.for_unidentified):
+            return None
+        found = api_format(method, path)
+        return (found, mode) if found is not None else None
+
+    async def before(self, found: ApiFormat, mode: str, body: bytes, *, user_id: str,
+                     conversation: str | None, client: str, user_agent: str) -> Turn | None:
+        """The request's memory: its new body and what to capture; ``None`` to leave it be."""
+        parsed = read_request(found, body)
+        if parsed is None:
+            self.counters.skipped("body_not_understood")
+            return None
+        conv_id = conversation_id(user_id, conversation, parsed)
+        if conv_id is None:
+            self.counters.skipped("no_conversation")
+            return None
+        turn = Turn(body, 0, self)
+        if mode in ("on", "read"):
+            block, count = await self._block(user_id, conv_id, parsed)
+            if block:
+                turn.body = insert_memory_block(parsed, block)
+                turn.injected = count
+        if mode in ("on", "write") and parsed.new_user_text:
+            turn._write.append(NewMemory(
+                user_id=user_id, conversation_id=conv_id, role="user",
+                text=parsed.new_user_text, created_at=time.time(), client=client,
+                user_agent=user_agent, model=parsed.model or ""))
+            turn._reader = AnswerReader(found, event_stream=parsed.stream)
+        return turn
+
+    async def _block(self, user_id: str, conv_id: str,
+                     parsed: Conversation) -> tuple[str, int]:
+        """The block for this request, within the recall budget; ``("", 0)`` for none."""
+        recall = self.settings.recall
+        first_turn = recall.when == "first_turn"
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(recall.timeout_ms / 1000):
+                if first_turn and parsed.turns > 1:
+                    # A later request: the block its first request got, or none (it began
+                    # before memory was on): one appearing mid-conversation would only
+                    # break the client's cache. A first request always recalls afresh, as
+                    # another conversation may have opened with the same words before.
+                    pinned = await self.store.pinned(user_id, conv_id)
+                    if pinned is None:
+                        return "", 0
+                    return pinned, len(_SNIPPET.findall(pinned))
+                query = parsed.new_user_text or parsed.first_user_text or ""
+                if not query:
+                    return "", 0
+                recalled = await self.store.recall(
+                    user_id, query, max_tokens=recall.max_tokens, exclude_conversation=conv_id)
+                if first_turn and recalled.block:
+                    await self.store.pin(user_id, conv_id, recalled.block)
+        except TimeoutError:
+            self.counters.skipped("recall_timeout")
+            log.warning("memory_recall_skipped", reason="slower than "
+                        f"memproxy.memory.recall.timeout_ms ({recall.timeout_ms} ms)")
+            return "", 0
+        except Exception as exc:  # a broken store must not break the request
+            self._fault("recall", exc)
+            return "", 0
+        self.degraded = None
+        self.counters.recalled(time.perf_counter() - started, len(recalled.memories))
+        return recalled.block, len(recalled.memories)
+
+    def enqueue(self, memories: list[NewMemory]) -> None:
+        """Queue memories for the store; when the queue is full they are dropped and counted."""
+        try:
+            self._queue.put_nowait(memories)
+        except asyncio.QueueFull:
+            self.counters.writes(dropped=len(memories))
+            log.warning("memory_write_dropped", memories=len(memories),
+                        reason="the write queue is full (memproxy.memory.queue)")
+            return
+        self.counters.writes(queued=len(memories))
+
+    async def _write_forever(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            while len(batch) < WRITE_BATCH and not self._queue.empty():
+                batch += self._queue.get_nowait()
+            try:
+                written = await self.store.add(batch)
+            except Exception as exc:
+                self.counters.writes(dropped=len(batch))
+                self._fault("write", exc)
+                continue
+            self.degraded = None
+            self.counters.writes(written=written)
+
+    def _fault(self, during: str, exc: Exception) -> None:
+        self.degraded = f"{during} failed: {type(exc).__name__}"
+        self.counters.skipped(f"{during}_failed")
+        log.error("memory_failed", during=during, error=f"{type(exc).__name__}: {exc}")
+
+    async def flush(self) -> None:
+        """Wait until every queued memory has been handed to the store."""
+        while not self._queue.empty():
+            await asyncio.sleep(0.01)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The writer task, for the application's life; queued writes are flushed at the end."""
+        self._writer = asyncio.create_task(self._write_forever())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), 5)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            await self.store.close()
+
+
+StoreFactory = Callable[[MemorySettings], MemoryStore]

@@ -316,13 +316,16 @@ def start(args: argparse.Namespace) -> int:
             f"  memproxy  {url}   <- point your clients here (OpenAI or Anthropic base URL)",
             f"  LiteLLM   {litellm_url}   (pid {supervisor.pid}, config {settings.path})",
         ]
+        if settings.memory.backend == "local":
+            lines.append(f"  Memory    {settings.memory_file}   (see it: python -m memproxy "
+                         f"memory list)")
         if generated_key:
             lines += ["  API key   " + generated_key,
                       "            generated for this run, since no LiteLLM master key is set;",
                       "            set LITELLM_MASTER_KEY to choose a lasting one."]
         lines += [
             "  Try it:",
-            f"    curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' \\",
+            f"    curl -s {url}/v1/chat/completions -H \"Authorization: Bearer {key}\" \\",
             "      -H 'Content-Type: application/json' \\",
             "      -d '{\"model\": \"memproxy-demo\", "
             "\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}' -i",

@@ -283,9 +283,9 @@ class Settings:
     def memory_file(self) -> Path:
         """``memory.path``, a relative one taken from the config file's folder."""
         path = Path(self.memory.path).expanduser()
-        if path.is_absolute() or self.path is None:
-            return path
-        return self.path.parent / path
+        if not path.is_absolute() and self.path is not None:
+            path = self.path.parent / path
+        return path.absolute()
 
 
 #: Settings fields that are not keys of the ``memproxy`` section.

@@ -270,7 +270,7 @@ def test_lint_warns_when_no_model_goes_through_supermemory(
             in warnings[0]
 
 
-def test_bundled_config_is_valid_and_sends_memory_headers_to_supermemory_models_only() -> None:
+def test_bundled_config_keeps_memory_locally_and_sends_no_provider_memory_headers() -> None:
     env = {**os.environ, "SUPERMEMORY_API_KEY": "sm-in-the-environment"}
     result = run_cli("check-config", "--config", str(ROOT / "config.yaml"), env=env)
     assert result.returncode == 0, result.stderr
@@ -278,18 +278,14 @@ def test_bundled_config_is_valid_and_sends_memory_headers_to_supermemory_models_
     assert "1. explicit_header" in result.stdout
 
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert raw["memproxy"]["memory"]["backend"] == "local"
+    # No provider gets client headers, the Supermemory key or the memory user id.
     assert "forward_client_headers_to_llm_api" not in (raw.get("general_settings") or {})
-    forwarded = raw["litellm_settings"]["model_group_settings"][
-        "forward_client_headers_to_llm_api"]
-    routed = [m["model_name"] for m in raw["model_list"]
-              if goes_through_supermemory(m["litellm_params"].get("api_base"))]
-    assert forwarded == routed == ["claude-sonnet-4"]
-    for model in raw["model_list"]:
-        extra = model["litellm_params"].get("extra_headers", {})
-        expected = ({"x-supermemory-api-key": "os.environ/SUPERMEMORY_API_KEY"}
-                    if model["model_name"] in routed else {})
-        assert extra == expected, model["model_name"]
-    # LiteLLM adds the key; memproxy sends none, even with the variable set.
+    assert "litellm_settings" not in raw
+    assert not [m for m in raw["model_list"]
+                if goes_through_supermemory(m["litellm_params"].get("api_base"))
+                or m["litellm_params"].get("extra_headers")]
+    # memproxy sends no key of its own, even with the variable set.
     assert raw["memproxy"]["headers"]["supermemory_api_key"] is None
 
 

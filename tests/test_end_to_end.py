@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from aiohttp.test_utils import unused_port
 
@@ -293,7 +295,9 @@ def test_sigkill_of_memproxy_takes_litellm_with_it(plain: Chain) -> None:
 
 
 def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> None:
-    """The README's quick start: bundled config, no keys at all, then the example client."""
+    """The README's quick start: bundled config, no keys at all, then the example client,
+    and memory at work: a second conversation gets what the first one said."""
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")  # its memory file goes there
     port, litellm_port = unused_port(), unused_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("LITELLM_MASTER_KEY", "SUPERMEMORY_API_KEY", "LITELLM_CONFIG",
@@ -303,7 +307,7 @@ def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> Non
         process = subprocess.Popen(
             [sys.executable, "-m", "memproxy", "start", "--litellm-port", str(litellm_port),
              "--memoryproxy-port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while "is up." not in log.read_text() and time.monotonic() < deadline:
@@ -320,6 +324,22 @@ def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> Non
         assert "memory user: openai-python decided by header_patterns" in example.stdout
         assert "Hello from memproxy-demo." in example.stdout
         assert "streamed: Hello from memproxy-demo." in example.stdout
+        assert f"Memory    {tmp_path / 'memproxy-memory.db'}" in banner
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+        client.chat.completions.create(model="memproxy-demo", messages=[
+            {"role": "user", "content": "My favourite colour is teal."}])
+        kept = ""
+        deadline = time.monotonic() + 5
+        while "teal" not in kept and time.monotonic() < deadline:
+            kept = subprocess.run([sys.executable, "-m", "memproxy", "memory", "list",
+                                   "openai-python"], capture_output=True, text=True,
+                                  timeout=60, cwd=tmp_path, env=env).stdout
+        assert "user: My favourite colour is teal." in kept
+        second = client.chat.completions.with_raw_response.create(
+            model="memproxy-demo",
+            messages=[{"role": "user", "content": "What is my favourite colour?"}])
+        assert int(second.headers["x-memproxy-memories"]) >= 1
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=40)

@@ -16,6 +16,7 @@ from memproxy.activity import ActivityWindow
 from memproxy.errors import dialect_of, error_response
 from memproxy.forwarding import CLIENT_SESSION, Forwarder
 from memproxy.inbox import UnmatchedInbox
+from memproxy.memory.endpoints import iso, list_users
 from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics
 from memproxy.reload import ReloadResult
@@ -135,9 +136,30 @@ async def status_json_handler(request: web.Request) -> web.Response:
         explicit_id_trust=forwarder.policy.trust.trust,
         requests_last_hour=request.app[ACTIVITY].totals(),
         unmatched=request.app[INBOX].top(20),
+        memory=await memory_status(request.app),
         worker=os.environ.get(WORKER_ENV),
     )
     return web.json_response(state)
+
+
+async def memory_status(app: web.Application) -> dict[str, object] | None:
+    """What the status page shows of memory: the file, the spaces, the last recalls."""
+    memory = app.get(MEMORY)
+    if memory is None:
+        return None
+    try:
+        users = (await list_users(memory.store))[:50]
+    except Exception as exc:  # the page must still show, and say why memory is missing
+        users = []
+        memory.degraded = memory.degraded or f"cannot read the memory file: {type(exc).__name__}"
+    return {
+        "file": str(getattr(memory.store, "path", "")),
+        "status": "degraded" if memory.degraded else "ok",
+        "detail": memory.degraded,
+        "users": users,
+        "recent_recalls": [{"at": iso(at), "user_id": user, "memories": count, "ms": ms}
+                           for at, user, count, ms in reversed(memory.recent)],
+    }
 
 
 STATUS_PAGE = resources.files("memproxy").joinpath("status_page.html")

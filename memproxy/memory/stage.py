@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +38,8 @@ from memproxy.routing import MEMORY_MODE_HEADER
 log = structlog.get_logger("memproxy.memory")
 
 MODE_HEADER = MEMORY_MODE_HEADER
+#: Recalls the status page lists.
+RECENT_RECALLS = 20
 #: Writes handed to the store at once.
 WRITE_BATCH = 200
 #: How each memory starts in a block (see memproxy.memory.recall), for counting them.
@@ -107,6 +110,8 @@ class MemoryStage:
         self.counters = counters
         self._queue: asyncio.Queue[list[NewMemory]] = asyncio.Queue(maxsize=settings.queue)
         self._writer: asyncio.Task[None] | None = None
+        #: The last recalls, newest last, for the status page: (time, user, memories, ms).
+        self.recent: deque[tuple[float, str, int, float]] = deque(maxlen=RECENT_RECALLS)
         #: Why memory is not working right now (``None``: it is).
         self.degraded: str | None = None
 
@@ -183,7 +188,10 @@ class MemoryStage:
             self._fault("recall", exc)
             return "", 0
         self.degraded = None
-        self.counters.recalled(time.perf_counter() - started, len(recalled.memories))
+        seconds = time.perf_counter() - started
+        self.counters.recalled(seconds, len(recalled.memories))
+        self.recent.append((time.time(), user_id, len(recalled.memories),
+                            round(seconds * 1000, 1)))
         return recalled.block, len(recalled.memories)
 
     def enqueue(self, memories: list[NewMemory]) -> None:

@@ -201,3 +201,30 @@ def test_the_owner_sees_and_erases_memories(remembering: Chain) -> None:
     assert deleted.json()["deleted"] >= 1
     listed = httpx.get(remembering.url + "/memory-routing/memory/openai-python", timeout=5)
     assert listed.json()["memories"] == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_fact_told_through_the_responses_api_comes_back_in_its_instructions(
+    provider: Provider, remembering: Chain, stream: bool
+) -> None:
+    client = remembering.openai(user_agent="codex_exec/0.50.0 (Linux; x86_64)")
+    fact = f"My bike is a green Brompton number {int(stream)}."
+    headers = {"x-memory-user-id": "responses-user"}
+    if stream:
+        with client.responses.stream(model="gpt-fake", instructions="Be brief.", input=fact,
+                                     extra_headers=headers) as events:
+            assert events.get_final_response().output_text
+    else:
+        assert client.responses.create(model="gpt-fake", instructions="Be brief.", input=fact,
+                                       extra_headers=headers).output_text
+    wait_until_kept(remembering, "responses-user", fact)
+
+    provider.mark()
+    raw = client.responses.with_raw_response.create(
+        model="gpt-fake", instructions="Be brief.", input="What bike do I ride?",
+        extra_headers=headers)
+    assert int(raw.headers["x-memproxy-memories"]) >= 1
+    (body,) = model_bodies(provider)
+    assert body["instructions"].startswith("Be brief.\n\n<memories")
+    assert fact in body["instructions"]
+    assert body["input"] == "What bike do I ride?"

@@ -401,10 +401,12 @@ class Forwarder:
         finally:
             if self.open_streams is not None:
                 self.open_streams.dec()
+            if turn is not None:
+                # Also when the client hung up (which cancels this handler) as soon as it
+                # had the whole answer: the reader keeps only an answer that says it ended.
+                turn.finish(upstream.status, complete=True)
         record.bytes_out = sent
         await response.write_eof()
-        if turn is not None:
-            turn.finish(upstream.status, complete=True)
         return response
 
 

@@ -73,10 +73,14 @@ class Turn:
             self._reader.feed(chunk)
 
     def finish(self, status: int, complete: bool) -> None:
-        """The answer ended; store the exchange if it was a whole, successful one."""
-        if self._reader is None or not (complete and 200 <= status < 300):
+        """The answer ended; store the exchange if it was a whole, successful one.
+
+        Only the first call counts.
+        """
+        reader, self._reader = self._reader, None
+        if reader is None or not (complete and 200 <= status < 300):
             return
-        answer = self._reader.text()
+        answer = reader.text()
         if answer is None:
             return
         user = self._write[0]

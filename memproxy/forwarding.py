@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 # Bodies up to this size are read whole: one write is cheaper than a stream.
 SMALL_BODY = 1024 * 1024
+# With memory on, bodies up to this size are read whole too, so that long conversations
+# (an agent's history passes a megabyte) still get recall and capture.
+MEMORY_BODY = 32 * 1024 * 1024
 # Headers that tell the client which memory space its request landed in.
 USER_ID_RESPONSE_HEADER = "x-memproxy-user-id"
 DETECTOR_RESPONSE_HEADER = "x-memproxy-detector"
@@ -173,7 +176,9 @@ class Forwarder:
         if not request.body_exists:
             body = None
             record.bytes_in = 0
-        elif length is not None and length <= SMALL_BODY:
+        elif length is not None and (length <= SMALL_BODY or (
+                length <= MEMORY_BODY and self.memory is not None
+                and route.user_id is not None)):
             try:
                 body = await self._read_small_body(request)
             except BodyTimeout:

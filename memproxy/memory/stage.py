@@ -114,6 +114,7 @@ class MemoryStage:
         self.counters = counters
         self._queue: asyncio.Queue[list[NewMemory]] = asyncio.Queue(maxsize=settings.queue)
         self._writer: asyncio.Task[None] | None = None
+        self._pinning: set[asyncio.Task[None]] = set()
         #: The last recalls, newest last, for the status page: (time, user, memories, ms).
         self.recent: deque[tuple[float, str, int, float]] = deque(maxlen=RECENT_RECALLS)
         #: Why memory is not working right now (``None``: it is).
@@ -161,7 +162,29 @@ class MemoryStage:
 
     async def _block(self, user_id: str, conv_id: str,
                      parsed: Conversation) -> tuple[str, int]:
-        """The block for this request, within the recall budget; ``("", 0)`` for none."""
+        """The block for this request, within the recall budget; ``("", 0)`` for none.
+
+        A conversation's first request pins the block it carried, an empty one included,
+        so its later requests carry exactly that.
+        """
+        first_request = self.settings.recall.when == "first_turn" and parsed.turns == 1
+        block, count = await self._recall(user_id, conv_id, parsed)
+        if first_request:
+            # Not awaited, and outside the recall budget: the writer may be busy, and the
+            # request need not wait for it. Its next request comes after this answer.
+            task = asyncio.create_task(self._pin(user_id, conv_id, block))
+            self._pinning.add(task)
+            task.add_done_callback(self._pinning.discard)
+        return block, count
+
+    async def _pin(self, user_id: str, conv_id: str, block: str) -> None:
+        try:
+            await self.store.pin(user_id, conv_id, block)
+        except Exception as exc:
+            self._fault("pin", exc)
+
+    async def _recall(self, user_id: str, conv_id: str,
+                      parsed: Conversation) -> tuple[str, int]:
         recall = self.settings.recall
         first_turn = recall.when == "first_turn"
         started = time.perf_counter()
@@ -173,7 +196,7 @@ class MemoryStage:
                     # break the client's cache. A first request always recalls afresh, as
                     # another conversation may have opened with the same words before.
                     pinned = await self.store.pinned(user_id, conv_id)
-                    if pinned is None:
+                    if not pinned:
                         return "", 0
                     return pinned, len(_SNIPPET.findall(pinned))
                 query = parsed.new_user_text or parsed.first_user_text or ""
@@ -181,8 +204,6 @@ class MemoryStage:
                     return "", 0
                 recalled = await self.store.recall(
                     user_id, query, max_tokens=recall.max_tokens, exclude_conversation=conv_id)
-                if first_turn and recalled.block:
-                    await self.store.pin(user_id, conv_id, recalled.block)
         except TimeoutError:
             self.counters.skipped("recall_timeout")
             log.warning("memory_recall_skipped", reason="slower than "
@@ -229,9 +250,10 @@ class MemoryStage:
         log.error("memory_failed", during=during, error=f"{type(exc).__name__}: {exc}")
 
     async def flush(self) -> None:
-        """Wait until every queued memory has been handed to the store."""
+        """Wait until every queued memory and pin has been handed to the store."""
         while not self._queue.empty():
             await asyncio.sleep(0.01)
+        await asyncio.gather(*self._pinning, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

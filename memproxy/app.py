@@ -115,7 +115,8 @@ def create_app(
     for method, path, handler in memory_routes(
             lambda request: memory.store if memory is not None else None,
             lambda request: "memproxy keeps no memory itself (memproxy.memory.backend is "
-                            f"{settings.memory.backend}); set it to local"):
+                            f"{settings.memory.backend}); set it to local",
+            erased=memory.forget if memory is not None else lambda user_id: None):
         app.router.add_route(method, path, admin_only(handler, settings_of))
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=forwarder.expect)
     return app

@@ -86,13 +86,21 @@ class LineWriter:
 
 
 class LineWriterFactory:
-    """One :class:`LineWriter` per file, shared by every logger."""
+    """The one :class:`LineWriter`, shared by every logger.
 
-    def __init__(self, file: TextIO) -> None:
-        self._writer = LineWriter(file)
+    structlog keeps a logger bound to the writer it got on first use, so the
+    writer stays the same object and :func:`configure_logging` points it at the
+    file in force.
+    """
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
 
     def __call__(self, *args: Any) -> LineWriter:
         return self._writer
+
+
+_writer = LineWriter(sys.stdout)
 
 
 log = structlog.get_logger("memproxy")
@@ -241,7 +249,8 @@ def configure_logging(
     else:
         renderer = structlog.processors.JSONRenderer()
     timestamp = UtcTimestamp()
-    factory = LineWriterFactory(out)
+    _writer._file = out
+    factory = LineWriterFactory(_writer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

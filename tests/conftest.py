@@ -47,6 +47,8 @@ def json_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[T
     with open(tmp_path / "log.jsonl", "w") as file:
         logs.configure_logging("json", "info", file=file)
         yield file
+    # Loggers already used keep memproxy's writer: point it back before the file closes.
+    logs.configure_logging("console", "info", file=sys.stdout)
     structlog.reset_defaults()
     for name, (handlers, propagate, level) in server_loggers.items():
         stdlib_logger = logging.getLogger(name)

@@ -18,11 +18,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from memproxy.errors import Dialect, error_response
 from memproxy.identifiers import check_id
 from memproxy.memory.store import Memory, MemoryStore
+
+log = structlog.get_logger("memproxy.memory")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -75,11 +78,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def memory_routes(store_of: Callable[[web.Request], MemoryStore | None],
-                  why_none: Callable[[web.Request], str]) -> list[tuple[str, str, Handler]]:
+                  why_none: Callable[[web.Request], str],
+                  erased: Callable[[str], None] = lambda user_id: None,
+                  ) -> list[tuple[str, str, Handler]]:
     """The admin API's routes as ``(method, path, handler)``, for :func:`memproxy.app.create_app`.
 
     ``store_of`` gives the running store, or ``None`` when memproxy keeps no memory
-    (then every route answers 404 with ``why_none``).
+    (then every route answers 404 with ``why_none``); ``erased`` is told whose memories
+    were erased.
     """
 
     def guarded(handler: Callable[[web.Request, MemoryStore], Awaitable[web.StreamResponse]]
@@ -92,6 +98,11 @@ def memory_routes(store_of: Callable[[web.Request], MemoryStore | None],
                 return await handler(request, store)
             except BadRequest as exc:
                 return error_response(Dialect.OPENAI, 400, str(exc), "invalid_request")
+            except Exception as exc:  # the memory file is locked, corrupt, gone...
+                log.error("memory_admin_failed", path=request.path,
+                          error=f"{type(exc).__name__}: {exc}")
+                return error_response(Dialect.OPENAI, 503, f"the memory store failed: "
+                                      f"{type(exc).__name__}: {exc}", "memory_unavailable")
         return answer
 
     async def users(request: web.Request, store: MemoryStore) -> web.StreamResponse:
@@ -116,10 +127,12 @@ def memory_routes(store_of: Callable[[web.Request], MemoryStore | None],
         memory_id = request.match_info["memory_id"]
         if not _DIGITS.fullmatch(memory_id):
             raise BadRequest("a memory id is a whole number, as listed by GET")
+        erased(user_id)
         return web.json_response({"deleted": await store.delete(user_id, int(memory_id))})
 
     async def delete_all(request: web.Request, store: MemoryStore) -> web.StreamResponse:
         user_id = parse_user(request.match_info["user_id"])
+        erased(user_id)
         return web.json_response({"deleted": await store.delete_user(user_id)})
 
     base = "/memory-routing/memory"

@@ -115,6 +115,7 @@ class MemoryStage:
         self._queue: asyncio.Queue[list[NewMemory]] = asyncio.Queue(maxsize=settings.queue)
         self._writer: asyncio.Task[None] | None = None
         self._pinning: set[asyncio.Task[None]] = set()
+        self._unwritten_pins: dict[tuple[str, str], str] = {}
         #: The last recalls, newest last, for the status page: (time, user, memories, ms).
         self.recent: deque[tuple[float, str, int, float]] = deque(maxlen=RECENT_RECALLS)
         #: Why memory is not working right now (``None``: it is).
@@ -170,8 +171,10 @@ class MemoryStage:
         first_request = self.settings.recall.when == "first_turn" and parsed.turns == 1
         block, count = await self._recall(user_id, conv_id, parsed)
         if first_request:
-            # Not awaited, and outside the recall budget: the writer may be busy, and the
-            # request need not wait for it. Its next request comes after this answer.
+            # Not awaited, and outside the recall budget: the writer may be busy (another
+            # process, an erasure), and the request need not wait for it. Until it is
+            # written, the conversation's later requests find it in _unwritten_pins.
+            self._unwritten_pins[user_id, conv_id] = block
             task = asyncio.create_task(self._pin(user_id, conv_id, block))
             self._pinning.add(task)
             task.add_done_callback(self._pinning.discard)
@@ -182,6 +185,14 @@ class MemoryStage:
             await self.store.pin(user_id, conv_id, block)
         except Exception as exc:
             self._fault("pin", exc)
+        finally:
+            if self._unwritten_pins.get((user_id, conv_id)) == block:
+                del self._unwritten_pins[user_id, conv_id]
+
+    def forget(self, user_id: str) -> None:
+        """Drop what is held for ``user_id`` in this process: their memories were erased."""
+        for key in [k for k in self._unwritten_pins if k[0] == user_id]:
+            del self._unwritten_pins[key]
 
     async def _recall(self, user_id: str, conv_id: str,
                       parsed: Conversation) -> tuple[str, int]:
@@ -195,7 +206,9 @@ class MemoryStage:
                     # before memory was on): one appearing mid-conversation would only
                     # break the client's cache. A first request always recalls afresh, as
                     # another conversation may have opened with the same words before.
-                    pinned = await self.store.pinned(user_id, conv_id)
+                    pinned = self._unwritten_pins.get((user_id, conv_id))
+                    if pinned is None:
+                        pinned = await self.store.pinned(user_id, conv_id)
                     if not pinned:
                         return "", 0
                     return pinned, len(_SNIPPET.findall(pinned))
@@ -245,7 +258,7 @@ class MemoryStage:
             self.counters.writes(written=written)
 
     def _fault(self, during: str, exc: Exception) -> None:
-        self.degraded = f"{during} failed: {type(exc).__name__}"
+        self.degraded = f"{during} failed: {type(exc).__name__}: {exc}"
         self.counters.skipped(f"{during}_failed")
         log.error("memory_failed", during=during, error=f"{type(exc).__name__}: {exc}")
 

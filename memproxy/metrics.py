@@ -158,6 +158,9 @@ class Metrics:
             if count:
                 self.memory_writes.labels(outcome).inc(count)
 
+    def stored_bytes(self, size: int) -> None:
+        self.memory_db_bytes.set(size)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text, summed over all workers in multiprocess mode."""
         if self.multiprocess:

@@ -34,6 +34,11 @@ async def test_status_shows_the_memory_file_its_spaces_and_recent_recalls(
 
         status = await (await client.get("/memory-routing/status")).json()
         health = await (await client.get("/health")).json()
+        metrics = await (await client.get("/metrics")).text()
+    size = next(line for line in metrics.splitlines()
+                if line.startswith("memproxy_memory_db_bytes "))
+    assert float(size.split()[1]) > 0
+    assert 'memproxy_memory_writes_total{outcome="written"}' in metrics
     shown = status["memory"]
     assert shown["file"] == str(tmp_path / "memory.db")
     assert shown["status"] == "ok"

@@ -55,6 +55,8 @@ class MemoryCounters(Protocol):
 
     def writes(self, *, queued: int = 0, written: int = 0, dropped: int = 0) -> None: ...
 
+    def stored_bytes(self, size: int) -> None: ...
+
 
 @dataclass(slots=True)
 class Turn:
@@ -256,6 +258,8 @@ class MemoryStage:
                 continue
             self.degraded = None
             self.counters.writes(written=written)
+            with contextlib.suppress(Exception):  # the size is only a figure for metrics
+                self.counters.stored_bytes(await self.store.size_bytes())
 
     def _fault(self, during: str, exc: Exception) -> None:
         self.degraded = f"{during} failed: {type(exc).__name__}: {exc}"

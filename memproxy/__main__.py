@@ -34,7 +34,7 @@ from memproxy.config import (
     resolve_config_path,
 )
 from memproxy.detection import DetectorChain, PluginError, build_detector_chain
-from memproxy.endpoints import RELOAD
+from memproxy.endpoints import FORWARDER, RELOAD
 from memproxy.litellm_lint import lint
 from memproxy.logs import bind_process, configure_logging
 from memproxy.memory.endpoints import (
@@ -48,7 +48,7 @@ from memproxy.memory.endpoints import (
 from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.routing import Refusal, RoutingPolicy, client_request
-from memproxy.runner import STOP_SIGNALS, serve_until_signalled
+from memproxy.runner import STOP_SIGNALS, Drain, serve_until_signalled
 from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
 from memproxy.workers import WORKER_ENV, run_worker_pool
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", "-w", type=int, default=1,
                        help="processes sharing the port (SO_REUSEPORT); one per core at most "
                             "(default: 1)")
+    serve.add_argument("--grace", type=float, default=GRACE_SECONDS,
+                       help="seconds requests in flight get to finish on shutdown; a second "
+                            f"Ctrl-C stops at once (default: {GRACE_SECONDS:.0f})")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     start = commands.add_parser(
@@ -221,7 +224,8 @@ def serve(args: argparse.Namespace) -> int:
             worker_argv += ["--config", str(settings.path)]
         log.info("memproxy_workers", workers=args.workers,
                  listen=f"{settings.host}:{settings.port}")
-        return run_worker_pool(worker_argv, args.workers, grace=GRACE_SECONDS)
+        worker_argv += ["--grace", str(args.grace)]
+        return run_worker_pool(worker_argv, args.workers, grace=args.grace)
     if WORKER_ENV in os.environ:
         bind_process(worker=int(os.environ[WORKER_ENV]))
     elif args.reuse_port is False:
@@ -229,7 +233,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("config_warning", message=warning)
     _log_starting(settings, chain, settings.litellm_url)
     app = create_app(settings, chain=chain)
-    return _run(app, settings, GRACE_SECONDS, reuse_port=args.reuse_port)
+    return _run(app, settings, args.grace, reuse_port=args.reuse_port)
 
 
 def _log_starting(settings: Settings, chain: DetectorChain, litellm_url: str) -> None:
@@ -245,13 +249,16 @@ def _run(app: web.Application, settings: Settings, grace: float,
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
             try:
+                forwarder = app[FORWARDER]
                 runner.run(serve_until_signalled(app, settings.host, settings.port,
                                                  grace=grace,
                                                  request_head=settings.timeouts.request_head,
                                                  max_header_size=settings.max_header_size,
                                                  on_ready=on_ready,
                                                  reuse_port=reuse_port,
-                                                 on_hangup=app[RELOAD]))
+                                                 on_hangup=app[RELOAD],
+                                                 drain=Drain(lambda: forwarder.in_flight,
+                                                             forwarder.stopping)))
             finally:
                 # Closing the loop puts back the signals' default actions. Hold the stop
                 # signals until they are ignored, so a late one cannot kill the exit.

@@ -92,6 +92,9 @@ class Forwarder:
         self.unavailable = unavailable
         #: Recall and capture, when memproxy keeps memory itself.
         self.memory = memory
+        #: Requests being handled right now (a graceful shutdown waits for them).
+        self.in_flight = 0
+        self._stopping = False
 
     def configure(self, settings: Settings, chain: DetectorChain) -> None:
         """Take up a (re)loaded config: the routing policy and the limits.
@@ -104,6 +107,10 @@ class Forwarder:
         self.settings = settings
         self.max_body_size = settings.max_body_size
 
+    def stopping(self) -> None:
+        """memproxy is shutting down: requests cut from now on are cut by the shutdown."""
+        self._stopping = True
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
@@ -114,14 +121,19 @@ class Forwarder:
         dialect = dialect_of(path, request.headers)
         record = RequestRecord(request_id, request.method, path, request.headers)
         response: web.StreamResponse | None = None
+        self.in_flight += 1
         try:
             response = await self._forward(request, dialect, record)
             return response
         except asyncio.CancelledError:
-            record.status = 499  # the client went away; nginx's code for it
-            record.error = record.error or "client disconnected"
+            if self._stopping:
+                record.error = record.error or "cut short: memproxy was shutting down"
+            else:
+                record.status = 499  # the client went away; nginx's code for it
+                record.error = record.error or "client disconnected"
             raise
         finally:
+            self.in_flight -= 1
             if record.status is None and response is not None:
                 record.status = response.status
             record.duration_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -3,9 +3,13 @@
 SIGHUP, when an ``on_hangup`` callback is given, reloads the config instead.
 After the shutdown these signals are ignored: the process is on its way out.
 
-On a signal memproxy stops accepting connections at once, lets requests and
-streams in flight finish for up to ``grace`` seconds, then runs the
+On a signal memproxy stops accepting connections at once, says what it waits
+for, lets requests and streams in flight finish for up to ``grace`` seconds (a
+second signal: not a moment longer), cuts what is left, then runs the
 application's cleanup (closing the upstream session and stopping LiteLLM).
+memproxy drains itself rather than through aiohttp's shutdown timeout, which
+waits up to twice its value (once for handlers to finish, once after
+cancelling them).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
@@ -24,10 +30,21 @@ log = structlog.get_logger("memproxy")
 
 #: The signals memproxy handles; once it has shut down, they are ignored.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+#: What aiohttp gives handlers still running once memproxy's own drain is over.
+CUT_TIMEOUT = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """How a shutdown learns what it waits for: requests in flight, and whom to tell."""
+
+    in_flight: Callable[[], int]
+    stopping: Callable[[], None]
 
 
 def make_runner(
-    app: web.Application, *, grace: float, request_head: float, max_header_size: int
+    app: web.Application, *, grace: float, request_head: float, max_header_size: int,
+    drain_first: bool = False,
 ) -> web.AppRunner:
     """The runner memproxy serves ``app`` with.
 
@@ -37,7 +54,7 @@ def make_runner(
     """
     return LimitedAppRunner(app, limits=HeadLimits(request_head, max_header_size),
                             handler_cancellation=True, access_log=None,
-                            shutdown_timeout=grace)
+                            shutdown_timeout=CUT_TIMEOUT if drain_first else grace)
 
 
 async def serve_until_signalled(
@@ -51,15 +68,18 @@ async def serve_until_signalled(
     on_ready: Callable[[], None] | None = None,
     reuse_port: bool = False,
     on_hangup: Callable[[], object] | None = None,
+    drain: Drain | None = None,
 ) -> None:
     """Run ``app`` on ``host:port``; return after a signal and a graceful shutdown."""
     runner = make_runner(app, grace=grace, request_head=request_head,
-                         max_header_size=max_header_size)
+                         max_header_size=max_header_size, drain_first=drain is not None)
     stop = asyncio.Event()
+    now = asyncio.Event()
 
     def on_signal() -> None:
         if stop.is_set():
-            log.info("memproxy_already_stopping", grace_s=grace)
+            log.info("memproxy_stopping_now", reason="a second stop signal")
+            now.set()
         stop.set()
 
     loop = asyncio.get_running_loop()
@@ -80,10 +100,11 @@ async def serve_until_signalled(
         if on_ready is not None:
             on_ready()
         await stop.wait()
-        log.info("memproxy_stopping", grace_s=grace)
+        if drain is not None:
+            await _drain(runner, drain, grace, now)
+        else:
+            log.info("memproxy_stopping", grace_s=grace)
     finally:
-        # Signal handlers stay installed until the end: a second signal must not cut
-        # the graceful shutdown short (the grace period already bounds it).
         try:
             await runner.cleanup()
         finally:
@@ -92,6 +113,31 @@ async def serve_until_signalled(
             # clean exit into a death by signal. See also memproxy.__main__._run.
             for signum in STOP_SIGNALS:
                 loop.add_signal_handler(signum, _ignore)
+
+
+async def _drain(runner: web.AppRunner, drain: Drain, grace: float,
+                 now: asyncio.Event) -> None:
+    """Stop accepting, and wait for the requests in flight: ``grace`` seconds at most."""
+    drain.stopping()
+    for site in list(runner.sites):
+        await site.stop()
+    waiting = drain.in_flight()
+    log.info("memproxy_stopping", waiting_for=waiting, grace_s=grace)
+    if not waiting:
+        return
+    print(f"memproxy: stopping: waiting for {waiting} request{'s' * (waiting != 1)}, "
+          f"up to {grace:g} s; press Ctrl-C again to stop now", file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while drain.in_flight() and not now.is_set() and loop.time() < deadline:
+        try:
+            await asyncio.wait_for(now.wait(), min(0.05, deadline - loop.time()))
+        except TimeoutError:
+            pass
+    if left := drain.in_flight():
+        log.warning("memproxy_cutting_requests", requests=left,
+                    reason="a second stop signal" if now.is_set() else
+                    f"the grace period ({grace:g} s) is over")
 
 
 def _ignore() -> None:

@@ -7,6 +7,7 @@ finish, repeated stop signals, and several workers sharing one port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -119,3 +120,45 @@ async def test_several_workers_share_one_port_and_stop_together(
     assert workers == {0, 1}
     assert len(fake_litellm.received) == 40
     assert all(r.all("x-sm-user-id") == ["alice"] for r in fake_litellm.received)
+
+
+async def test_shutdown_says_what_it_waits_for_and_a_second_signal_stops_at_once(
+    fake_litellm: FakeLiteLLM, tmp_path: Path, serve_memproxy: ServeFactory
+) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    process = serve_memproxy(tmp_path / "empty.yaml", fake_litellm.url, "--grace", "60")
+    async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{process.port}/endless", data=b"{}") as resp:
+        assert (await resp.content.readline()).startswith(b"data:")
+        process.send_signal(signal.SIGINT)
+        await asyncio.sleep(0.5)
+        assert process.poll() is None  # still waiting for the stream
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(aiohttp.ClientError):
+            await resp.read()
+    out, err = process.stop(timeout=20)
+    assert time.monotonic() - started < 5
+    assert process.returncode == 0
+    assert "waiting for 1 request, up to 60 s; press Ctrl-C again to stop now" in err
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    (stream,) = [line for line in lines if line.get("path") == "/endless"]
+    assert stream["status"] == 200  # the answer had begun: not a client that went away
+    assert stream["error"] == "cut short: memproxy was shutting down"
+
+
+async def test_the_grace_period_is_kept_exactly(
+    fake_litellm: FakeLiteLLM, tmp_path: Path, serve_memproxy: ServeFactory
+) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    process = serve_memproxy(tmp_path / "empty.yaml", fake_litellm.url, "--grace", "1.5")
+    async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{process.port}/endless", data=b"{}") as resp:
+        assert (await resp.content.readline()).startswith(b"data:")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(aiohttp.ClientError):
+            await resp.read()
+        cut_after = time.monotonic() - started
+    process.stop(timeout=20)
+    assert 1.4 < cut_after < 2.8, cut_after  # aiohttp alone would wait up to twice --grace

@@ -27,7 +27,9 @@ from memproxy.config import (
     DEFAULT_LITELLM_URL,
     DEFAULT_PORT,
     ConfigError,
+    HeaderPattern,
     Settings,
+    config_warnings,
     load_settings,
     parse_rule,
     reference,
@@ -49,7 +51,13 @@ from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.routing import Refusal, RoutingPolicy, client_request
 from memproxy.runner import STOP_SIGNALS, Drain, serve_until_signalled
-from memproxy.supervisor import LiteLLMStartError, LiteLLMSupervisor, find_litellm
+from memproxy.supervisor import (
+    LiteLLMPortInUse,
+    LiteLLMStartError,
+    LiteLLMSupervisor,
+    check_port_free,
+    find_litellm,
+)
 from memproxy.workers import WORKER_ENV, run_worker_pool
 
 EXIT_USAGE = 2
@@ -154,6 +162,10 @@ def _add_start_flags(parser: argparse.ArgumentParser, config_help: str) -> None:
                              f"(default: {GRACE_SECONDS:.0f})")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
                         help="seconds to wait for LiteLLM to start (default: 120)")
+    parser.add_argument("--litellm-log", metavar="PATH",
+                        help="file LiteLLM's output is appended to, colour codes removed; "
+                             "memproxy's own log keeps only LiteLLM's warnings and errors "
+                             "(default: litellm.log beside the config file)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,7 +228,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         if settings.port == 0:
             raise ConfigError("--port", "several workers need a fixed port, not 0")
-        for warning in lint(settings):
+        for warning in [*config_warnings(settings), *lint(settings)]:
             log.warning("config_warning", message=warning)
         worker_argv = ["serve", "--host", settings.host, "--port", str(settings.port),
                        "--litellm-url", settings.litellm_url, "--reuse-port"]
@@ -229,7 +241,7 @@ def serve(args: argparse.Namespace) -> int:
     if WORKER_ENV in os.environ:
         bind_process(worker=int(os.environ[WORKER_ENV]))
     elif args.reuse_port is False:
-        for warning in lint(settings):
+        for warning in [*config_warnings(settings), *lint(settings)]:
             log.warning("config_warning", message=warning)
     _log_starting(settings, chain, settings.litellm_url)
     app = create_app(settings, chain=chain)
@@ -296,9 +308,21 @@ def start(args: argparse.Namespace) -> int:
         raise ConfigError("--config", "start needs a config file for LiteLLM",
                           "run it in the folder with config.yaml, or pass --config FILE")
     find_litellm()  # fail early, with the install hint, before anything starts
+    try:
+        # memproxy runs its own LiteLLM: whatever else answers on the port is not it.
+        check_port_free("127.0.0.1", args.litellm_port)
+    except LiteLLMPortInUse as exc:
+        print(f"memproxy: cannot start LiteLLM: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    litellm_log = Path(args.litellm_log or Path(settings.path).parent / "litellm.log").absolute()
+    try:
+        litellm_log.open("a").close()
+    except OSError as exc:
+        raise ConfigError("--litellm-log", f"cannot write {litellm_log}: {exc.strerror or exc}",
+                          "pass --litellm-log with a file memproxy may write") from exc
     configure_logging(settings.log.format, settings.log.level)
     log = structlog.get_logger("memproxy")
-    for warning in lint(settings):
+    for warning in [*config_warnings(settings), *lint(settings)]:
         log.warning("config_warning", message=warning)
 
     env = dict(os.environ)
@@ -310,7 +334,8 @@ def start(args: argparse.Namespace) -> int:
     metrics = Metrics(UserIdLabels())
     supervisor = LiteLLMSupervisor(config=Path(settings.path), port=args.litellm_port, env=env,
                                    ready_timeout=args.ready_timeout,
-                                   on_restart=metrics.litellm_restarts.inc)
+                                   on_restart=metrics.litellm_restarts.inc,
+                                   log_file=litellm_log)
     _log_starting(settings, chain, litellm_url)
     app = create_app(settings, chain=chain, supervisor=supervisor, metrics=metrics)
 
@@ -322,6 +347,7 @@ def start(args: argparse.Namespace) -> int:
             f"memproxy {__version__} is up.",
             f"  memproxy  {url}   <- point your clients here (OpenAI or Anthropic base URL)",
             f"  LiteLLM   {litellm_url}   (pid {supervisor.pid}, config {settings.path})",
+            f"            its output: {litellm_log}",
         ]
         if settings.memory.backend == "local":
             lines.append(f"  Memory    {settings.memory_file}   (see it: python -m memproxy "
@@ -341,10 +367,19 @@ def start(args: argparse.Namespace) -> int:
         ]
         print("\n".join(lines), file=sys.stderr, flush=True)
 
-    return _run(app, settings, args.grace, on_ready=banner)
+    try:
+        return _run(app, settings, args.grace, on_ready=banner)
+    except LiteLLMPortInUse as exc:  # taken since the check above
+        print(f"memproxy: cannot start LiteLLM: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
-def format_chain(chain: DetectorChain) -> str:
+def format_chain(chain: DetectorChain, patterns: Sequence[HeaderPattern] = ()) -> str:
+    """The chain in order, one detector a line, with the header patterns under theirs.
+
+    The patterns are listed because an empty or misplaced list is the usual reason
+    every client lands in the default memory space.
+    """
     lines = []
     for i, link in enumerate(chain.links, 1):
         lines.append(f"  {i}. {link.name:<16} priority {link.priority:>4}  {link.description}"
@@ -353,7 +388,22 @@ def format_chain(chain: DetectorChain) -> str:
         if link.options:
             shown = ", ".join(f"{name}={value}" for name, value in link.options.items())
             lines.append(f"     options: {shown}")
+        if link.name == "header_patterns":
+            lines += [f"     - {format_rule(rule)}" for rule in patterns] or [
+                "     (no patterns: it recognises no client)"]
     return "\n".join(lines) if lines else "  (no detector enabled: every request gets the default)"
+
+
+def format_rule(rule: HeaderPattern) -> str:
+    """One header pattern on a line, as ``check-config`` and ``explain`` list it."""
+    return f"{rule.header} ~ {rule.pattern.pattern!r} -> {rule.user_id}"
+
+
+def format_source(settings: Settings) -> str:
+    """The config file read, as an absolute path (a relative one hides which folder)."""
+    if settings.path is None:
+        return "none found: built-in defaults"
+    return str(settings.path.absolute())
 
 
 def format_reference() -> str:
@@ -368,13 +418,12 @@ def check_config(args: argparse.Namespace) -> int:
         print(format_reference())
         return 0
     settings, chain = _load(args)
-    source = settings.path or "(no config file: built-in defaults)"
-    print(f"config: {source}")
+    print(f"config: {format_source(settings)}")
     print(f"listen: {settings.host}:{settings.port}  ->  LiteLLM at {settings.litellm_url}")
     print("detector chain (first answer wins):")
-    print(format_chain(chain))
+    print(format_chain(chain, settings.mappings.header_patterns))
     print(f"default user id: {settings.mappings.default_user_id}")
-    warnings = lint(settings)
+    warnings = [*config_warnings(settings), *lint(settings)]
     for warning in warnings:
         print(f"\nWARNING: {warning}")
     if not warnings:
@@ -437,12 +486,16 @@ def parse_header(text: str) -> tuple[str, str]:
 
 def explain(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    print(f"config:   {format_source(settings)}")
+    # On stderr, so the answer on stdout stays the same to read or to pipe.
+    for warning in config_warnings(settings):
+        print(f"WARNING: {warning}", file=sys.stderr)
     if args.rule:
         rules = tuple(parse_rule(text) for text in args.rule)
         settings = replace(settings, mappings=replace(
             settings.mappings, header_patterns=rules + settings.mappings.header_patterns))
         for rule in rules:
-            print(f"trying rule: {rule.header} ~ {rule.pattern.pattern!r} -> {rule.user_id}")
+            print(f"trying rule: {format_rule(rule)}")
     chain = build_detector_chain(settings)
     policy = RoutingPolicy(settings, chain)
     path, _, query = args.path.partition("?")
@@ -462,7 +515,7 @@ def explain(args: argparse.Namespace) -> int:
     for name, value in route_headers(shown).items():
         print(f"  {name}: {value}")
     print("detector chain:")
-    print(format_chain(chain))
+    print(format_chain(chain, settings.mappings.header_patterns))
     return 0
 
 

@@ -17,6 +17,7 @@ from memproxy.endpoints import (
     ACTIVITY,
     FORWARDER,
     INBOX,
+    KEY_PROBLEMS,
     MEMORY,
     METRICS,
     RELOAD,
@@ -32,6 +33,7 @@ from memproxy.endpoints import (
 )
 from memproxy.forwarding import CLIENT_SESSION, SMALL_BODY, Forwarder
 from memproxy.inbox import UnmatchedInbox
+from memproxy.key_problems import KeyProblems
 from memproxy.logs import RequestLog
 from memproxy.memory.endpoints import memory_routes
 from memproxy.memory.sqlite import SqliteMemoryStore
@@ -71,7 +73,8 @@ def create_app(
     inbox = UnmatchedInbox()
     activity = ActivityWindow(metrics.user_ids)
     # The order they run in: the log line first, so it is written even if another fails.
-    observers = (RequestLog(), metrics, inbox, activity)
+    key_problems = KeyProblems()
+    observers = (RequestLog(), metrics, inbox, activity, key_problems)
     memory = None
     if settings.memory.backend == "local":
         memory = MemoryStage(settings.memory, SqliteMemoryStore(settings.memory_file), metrics)
@@ -91,6 +94,7 @@ def create_app(
     app[METRICS] = metrics
     app[INBOX] = inbox
     app[ACTIVITY] = activity
+    app[KEY_PROBLEMS] = key_problems
     app[STARTED] = time.monotonic()
     app[RELOAD] = lambda: reload_config(forwarder, extra_plugins)
     app.cleanup_ctx.append(_client_session(settings))

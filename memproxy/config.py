@@ -16,6 +16,7 @@ and every mistake raises :class:`ConfigError` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import os
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,8 @@ from memproxy import config_checks as checks
 from memproxy.config_checks import DEFAULT_LITELLM_URL, Check, ConfigError, Secret
 
 __all__ = ["DEFAULT_LITELLM_URL", "DEFAULT_PORT", "ConfigError", "Secret", "Settings",
-           "load_settings", "parse_rule", "parse_settings", "resolve_config_path"]
+           "config_warnings", "load_settings", "parse_rule", "parse_settings",
+           "resolve_config_path", "section_warnings"]
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
 DEFAULT_PORT = 8764
@@ -267,7 +269,7 @@ class Settings:
     memory: MemorySettings = setting(MemorySettings)
     log: LogSettings = setting(LogSettings)
     event_loop: str = setting("asyncio", check=checks.choice(*EVENT_LOOPS),
-                              help="asyncio, or uvloop (pip install 'memproxy[uvloop]')")
+                              help="asyncio, or uvloop (pip install 'memproxy-llm[uvloop]')")
 
     #: ``user_id_mappings``: how clients are recognised.
     mappings: UserIdMappings = field(default_factory=UserIdMappings)
@@ -474,6 +476,66 @@ def parse_settings(raw: Mapping[str, Any], *, path: Path | None = None) -> Setti
     return settings
 
 
+#: memproxy's own top-level sections (LiteLLM ignores them).
+MEMPROXY_SECTIONS = ("user_id_mappings", "memproxy")
+#: How alike a top-level key must be to one of MEMPROXY_SECTIONS (difflib's ratio, compared
+#: in lower case) to be taken for a misspelling of it. ``user_id_mapping``, ``memproxi`` and
+#: ``user_mappings`` score 0.88 or more; LiteLLM's own sections (model_list,
+#: general_settings, router_settings, environment_variables, ...) 0.52 at most, and
+#: ``memory`` or ``proxy`` under 0.8.
+SECTION_TYPO_CUTOFF = 0.8
+
+
+def section_warnings(raw: Mapping[Any, Any]) -> list[str]:
+    """Warnings about top-level keys that look meant for memproxy but that it never reads.
+
+    An unknown top-level key cannot be an error: the file is LiteLLM's too, and LiteLLM
+    has many sections of its own. But a misspelt ``user_id_mappings`` or ``memproxy`` (or
+    a ``header_patterns`` that lost its indentation) leaves its settings unread and every
+    client in the default memory space, with nothing to say so. Only near misses of
+    memproxy's two section names, and the keys of ``user_id_mappings``, are suspicious.
+    """
+    warnings: list[str] = []
+    mapping_keys = [item.name for item in _keys(UserIdMappings)]
+    for key in raw:
+        name = str(key)
+        if name in MEMPROXY_SECTIONS:
+            continue
+        if name in mapping_keys:
+            warnings.append(f"top-level key '{name}' is not read: it belongs inside "
+                            f"user_id_mappings (indent it under 'user_id_mappings:')")
+            continue
+        close = difflib.get_close_matches(name.lower(), MEMPROXY_SECTIONS, n=1,
+                                          cutoff=SECTION_TYPO_CUTOFF)
+        if close:
+            warnings.append(f"top-level key '{name}' is not read by memproxy nor by LiteLLM, "
+                            f"so its settings are ignored: did you mean '{close[0]}'?")
+    return warnings
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Mistakes that load without an error but leave every client in one memory space.
+
+    Warns when no config file was found (built-in defaults have no header patterns), about
+    misspelt top-level sections (:func:`section_warnings`, read again from the file), and
+    when there is no header pattern at all.
+    """
+    mappings = settings.mappings
+    shared = (f"unless another detector places them (the {mappings.custom_header} header, "
+              f"api_key_hash, a plugin), every client shares the memory space "
+              f"'{mappings.default_user_id}'")
+    if settings.path is None:
+        return [f"no config file found: no --config, $LITELLM_CONFIG is not set, and "
+                f"{Path.cwd()} has no {DEFAULT_CONFIG_PATH}. memproxy runs on built-in "
+                f"defaults, with no header patterns, so {shared}.\n"
+                f"Fix: pass --config FILE, or run from the folder that has config.yaml."]
+    warnings = section_warnings(_read_yaml(settings.path))
+    if not mappings.header_patterns:
+        warnings.append(f"no user_id_mappings.header_patterns in {settings.path}: no client is "
+                        f"recognised by its User-Agent or other headers, so {shared}.")
+    return warnings
+
+
 def _check_together(settings: Settings) -> None:
     """The rules that span several keys."""
     trust = settings.explicit_id
@@ -485,7 +547,7 @@ def _check_together(settings: Settings) -> None:
         )
     if settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("memproxy.event_loop", "uvloop is not installed; install it with "
-                          "pip install 'memproxy[uvloop]', or set event_loop: asyncio")
+                          "pip install 'memproxy-llm[uvloop]', or set event_loop: asyncio")
 
 
 def parse_rule(text: str) -> HeaderPattern:

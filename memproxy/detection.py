@@ -203,9 +203,11 @@ class DetectorRegistry:
             declared[spec.name] = (plugin, spec)
         for name in settings.detectors:
             if name not in declared:
+                close = difflib.get_close_matches(name, sorted(declared), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ConfigError(
                     f"memproxy.detectors.{name}", "no detector of that name is installed",
-                    f"installed detectors: {', '.join(sorted(declared))}",
+                    f"{hint}installed detectors: {', '.join(sorted(declared))}",
                 )
         links = []
         for name, (plugin, spec) in declared.items():

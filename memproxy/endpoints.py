@@ -16,6 +16,7 @@ from memproxy.activity import ActivityWindow
 from memproxy.errors import dialect_of, error_response
 from memproxy.forwarding import CLIENT_SESSION, Forwarder
 from memproxy.inbox import UnmatchedInbox
+from memproxy.key_problems import KeyProblems
 from memproxy.memory.endpoints import iso, list_users
 from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics
@@ -65,11 +66,13 @@ async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
     supervisor = app.get(SUPERVISOR)
     litellm: dict[str, object] = {"url": forwarder.upstream}
     if supervisor is not None and not supervisor.ready:
-        ok, detail = False, "restarting"
+        # Why, from the supervisor: "crash-looping: address already in use", say.
+        ok, detail = False, supervisor.detail
     else:
         ok, detail = await litellm_alive(app)
     if supervisor is not None:
-        litellm.update(supervised=True, pid=supervisor.pid, restarts=supervisor.restarts)
+        litellm.update(supervised=True, pid=supervisor.pid, restarts=supervisor.restarts,
+                       failures=supervisor.failures)
     litellm.update(status="ok" if ok else "unavailable", detail=detail)
     body: dict[str, object] = {
         "status": "ok" if ok else "degraded",
@@ -137,6 +140,7 @@ async def status_json_handler(request: web.Request) -> web.Response:
         requests_last_hour=request.app[ACTIVITY].totals(),
         unmatched=request.app[INBOX].top(20),
         memory=await memory_status(request.app),
+        key_problems=request.app[KEY_PROBLEMS].listed(),
         worker=os.environ.get(WORKER_ENV),
     )
     return web.json_response(state)
@@ -175,6 +179,7 @@ METRICS = web.AppKey("metrics", Metrics)
 INBOX = web.AppKey("inbox", UnmatchedInbox)
 ACTIVITY = web.AppKey("activity", ActivityWindow)
 MEMORY = web.AppKey("memory", MemoryStage)
+KEY_PROBLEMS = web.AppKey("key_problems", KeyProblems)
 SUPERVISOR = web.AppKey("supervisor", LiteLLMSupervisor)
 RELOAD: web.AppKey[Callable[[], ReloadResult]] = web.AppKey("reload")
 STARTED = web.AppKey("started", float)

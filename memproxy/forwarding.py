@@ -23,6 +23,7 @@ from yarl import URL
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain
 from memproxy.errors import Dialect, dialect_of, error_response, stream_error_event
+from memproxy.key_problems import KEY_HEADERS, key_problem
 from memproxy.memory import MEMORIES_HEADER, InvalidMemoryMode
 from memproxy.observers import RequestObserver, RequestRecord
 from memproxy.routing import (
@@ -374,6 +375,10 @@ class Forwarder:
             record.first_byte_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
             record.bytes_out = len(body)
             record.streamed = False
+            if upstream.status >= 400:
+                record.key_problem = key_problem(
+                    upstream.status, body,
+                    sent_key=any(name in request.headers for name in KEY_HEADERS))
             if turn is not None:
                 turn.feed(body)
                 turn.finish(upstream.status, complete=True)

@@ -7,6 +7,12 @@ Requests are grouped by a fingerprint of the headers that identify a tool
 inbox keeps counts, first and last seen, and a ready-to-paste
 ``header_patterns`` entry. It holds at most ``capacity`` fingerprints,
 forgetting the least recently seen first.
+
+Only requests to model endpoints count (:func:`talks_to_a_model`): the inbox is
+for clients that talk to models. A ``HEAD /`` reachability probe or a
+``/favicon.ico`` is made by the HTTP library under a client (Claude Code's
+probe says ``Bun/...``), and a rule made from it would name the runtime, not
+the tool.
 """
 
 from __future__ import annotations
@@ -33,6 +39,19 @@ _SLUG = re.compile(r"[^a-z0-9._-]+")
 _BARE_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _YAML_STR = "tag:yaml.org,2002:str"
 _RESOLVER = yaml.resolver.Resolver()
+#: A model endpoint anywhere in the path, with what lies under it: OpenAI's and LiteLLM's
+#: (``/v1/chat/completions``, ``/openai/deployments/x/chat/completions``, ``/v1/responses/ID``,
+#: ``/v1/models``, which SDKs ask to list models), Anthropic's (``/v1/messages``,
+#: ``/v1/messages/count_tokens``) and Gemini's (``/v1beta/models/NAME:generateContent``).
+_MODEL_ENDPOINT = re.compile(
+    r"/(?:chat/completions|completions|responses|messages|embeddings|models)(?:[/:]|$)")
+#: Methods no model call uses: reachability probes and CORS preflights.
+_PROBE_METHODS = frozenset({"HEAD", "OPTIONS"})
+
+
+def talks_to_a_model(method: str, path: str) -> bool:
+    """Whether a request is a client talking to a model API, rather than a probe."""
+    return method.upper() not in _PROBE_METHODS and _MODEL_ENDPOINT.search(path) is not None
 
 
 def suggest_rule(fingerprint: Mapping[str, str]) -> dict[str, str] | None:
@@ -115,8 +134,8 @@ class UnmatchedInbox:
         self._entries: OrderedDict[tuple[tuple[str, str], ...], Entry] = OrderedDict()
 
     def request_done(self, record: RequestRecord) -> None:
-        """Keep the clients that no detector recognised."""
-        if record.unrecognised:
+        """Keep the clients that no detector recognised, when they talk to a model."""
+        if record.unrecognised and talks_to_a_model(record.method, record.path):
             self.record(record.headers)
 
     def record(self, headers: Mapping[str, str]) -> None:

@@ -42,6 +42,8 @@ class RequestRecord:
     error: str | None = None
     #: Memories recalled into the request (``None``: memory did not take part).
     memories: int | None = None
+    #: LiteLLM turned the client away for its API key: what was wrong (never logged here).
+    key_problem: str | None = None
     bytes_in: int | None = None
     bytes_out: int | None = None
     streamed: bool | None = None

@@ -15,6 +15,7 @@ cancelling them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 import sys
@@ -130,10 +131,8 @@ async def _drain(runner: web.AppRunner, drain: Drain, grace: float,
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while drain.in_flight() and not now.is_set() and loop.time() < deadline:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(now.wait(), min(0.05, deadline - loop.time()))
-        except TimeoutError:
-            pass
     if left := drain.in_flight():
         log.warning("memproxy_cutting_requests", requests=left,
                     reason="a second stop signal" if now.is_set() else

@@ -88,7 +88,7 @@ def test_uvloop_without_uvloop_installed_says_how_to_install_it(
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, "memproxy:\n  event_loop: uvloop\n"))
     assert caught.value.key == "memproxy.event_loop"
-    assert "pip install 'memproxy[uvloop]'" in str(caught.value)
+    assert "pip install 'memproxy-llm[uvloop]'" in str(caught.value)
 
 
 def test_check_config_reports_a_mistake_without_a_traceback(tmp_path: Path) -> None:

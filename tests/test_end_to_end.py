@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import shutil
 import signal
@@ -277,6 +278,28 @@ def wait_gone(pid: int, timeout: float = 15.0) -> bool:
     return False
 
 
+def test_a_wrong_or_missing_key_is_explained_once_per_client(plain: Chain) -> None:
+    url = plain.url + "/v1/chat/completions"
+    body = {"model": "gpt-fake", "messages": [{"role": "user", "content": "hello"}]}
+    for _ in range(3):
+        wrong = httpx.post(url, json=body, timeout=30, headers={
+            "Authorization": "Bearer sk-not-the-master-key", "User-Agent": CLAUDE_CODE_UA})
+        assert wrong.status_code == 400  # LiteLLM's own answer, left as it is
+        assert "No connected db" in wrong.text
+    missing = httpx.post(url, json=body, timeout=30, headers={"User-Agent": "curl/8.5.0"})
+    assert missing.status_code >= 400
+    time.sleep(0.3)  # log lines are flushed once per event-loop iteration
+    warnings = [json.loads(line) for line in plain.log.read_text().splitlines()
+                if '"litellm_rejected_key"' in line]
+    by_client = {w["client"]: w for w in warnings}
+    assert len([w for w in warnings if w["client"] == "claude-code"]) == 1
+    assert "master key" in by_client["claude-code"]["problem"]
+    assert "LITELLM_MASTER_KEY" in by_client["claude-code"]["fix"]
+    assert "sk-not-the-master-key" not in plain.log.read_text()
+    shown = httpx.get(plain.url + "/memory-routing/status", timeout=5).json()["key_problems"]
+    assert any(k["client"] == "claude-code" and k["count"] >= 3 for k in shown)
+
+
 # These two end the module's chains, so they come last.
 
 def test_sigterm_stops_memproxy_and_litellm(with_memory: Chain) -> None:
@@ -359,3 +382,4 @@ def test_litellm_that_cannot_start_is_reported_with_its_last_output(tmp_path: Pa
     assert "LiteLLM's last output:" in result.stderr
     assert "master key" in result.stderr.lower()
     assert "Traceback" not in result.stderr.split("LiteLLM's last output:")[0]
+

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from memproxy.inbox import UnmatchedInbox, suggest_rule
+from memproxy.inbox import UnmatchedInbox, suggest_rule, talks_to_a_model
 from tests.helpers import FakeLiteLLM, ProxyFactory, ServeFactory
 
 PATTERNS = {"header_patterns": [
@@ -187,5 +188,55 @@ async def test_status_json_has_what_the_page_shows(proxy: ProxyFactory) -> None:
     assert status["status"] == "ok"
     assert [d["name"] for d in status["detector_chain"]] == [
         "explicit_header", "header_patterns", "default"]
-    assert status["requests_last_hour"] == {"claude-code": 1, "default": 1}
+    assert status["requests_last_hour"] == {"claude-code": {"succeeded": 1, "failed": 0},
+                                            "default": {"succeeded": 1, "failed": 0}}
     assert status["unmatched"][0]["suggested_rule"]["user_id"] == "zed"
+
+
+async def test_requests_that_fail_are_counted_apart_from_those_that_succeed(
+    proxy: ProxyFactory,
+) -> None:
+    client = await proxy(user_id_mappings={"header_patterns": [
+        {"header": "user-agent", "pattern": "^codex_cli_rs/", "user_id": "codex"}]})
+    codex = {"User-Agent": "codex_cli_rs/0.50.0"}
+    for _ in range(30):  # LiteLLM answers every one of them with 500
+        await client.post("/status/500", data=b"{}", headers=codex)
+    await client.post("/v1/responses", data=b"{}", headers=codex)
+    status = await (await client.get("/memory-routing/status")).json()
+    assert status["requests_last_hour"] == {"codex": {"succeeded": 1, "failed": 30}}
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "memproxy_requests_total", user_id="codex", status_class="5xx") == 30
+    assert metric(text, "memproxy_requests_total", user_id="codex", status_class="2xx") == 1
+
+
+async def test_only_requests_to_model_endpoints_enter_the_inbox(proxy: ProxyFactory) -> None:
+    client = await proxy(user_id_mappings=PATTERNS)
+    bun = {"User-Agent": "Bun/1.2.0"}
+    await client.head("/", headers=bun)  # Claude Code's reachability probe
+    await client.get("/favicon.ico", headers=bun)
+    await client.options("/v1/messages", headers=bun)
+    await client.get("/health/liveliness", headers=bun)
+    assert (await (await client.get("/memory-routing/unmatched")).json())["unmatched"] == []
+
+    zed = {"User-Agent": "Zed/0.150.2 (macos; aarch64)"}
+    for path in ("/v1/models", "/v1/chat/completions", "/v1/messages/count_tokens",
+                 "/v1beta/models/gemini-2.5-flash:generateContent"):
+        method = client.get if path == "/v1/models" else client.post
+        await method(path, headers=zed)
+    unmatched = (await (await client.get("/memory-routing/unmatched")).json())["unmatched"]
+    assert [(u["headers"]["user-agent"], u["count"]) for u in unmatched] == [
+        ("Zed/0.150.2 (macos; aarch64)", 4)]
+
+
+@pytest.mark.parametrize("method, path, counted", [
+    ("HEAD", "/", False), ("GET", "/", False), ("HEAD", "/v1/messages", False),
+    ("OPTIONS", "/v1/chat/completions", False), ("GET", "/health/liveliness", False),
+    ("GET", "/v1/chat/completionsX", False),
+    ("GET", "/v1/models", True), ("GET", "/v1/models/gpt-4o", True),
+    ("POST", "/v1/chat/completions", True), ("POST", "/chat/completions", True),
+    ("POST", "/openai/deployments/gpt-4o/chat/completions", True),
+    ("POST", "/v1/completions", True), ("POST", "/v1/responses", True),
+    ("POST", "/v1/messages", True), ("POST", "/v1/embeddings", True),
+])
+def test_which_requests_talk_to_a_model(method: str, path: str, counted: bool) -> None:
+    assert talks_to_a_model(method, path) is counted

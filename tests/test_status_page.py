@@ -59,22 +59,29 @@ async def test_status_page_shows_health_chain_spaces_and_unrecognised_clients(
     proxy: ProxyFactory,
 ) -> None:
     client = await proxy(user_id_mappings={"header_patterns": [
-        {"header": "user-agent", "pattern": "^claude-cli/", "user_id": "claude-code"}]})
+        {"header": "user-agent", "pattern": "^claude-cli/", "user_id": "claude-code"},
+        {"header": "user-agent", "pattern": "^codex_cli_rs/", "user_id": "codex"}]})
     for _ in range(3):
         await client.post("/v1/messages", data=b"{}", headers={"User-Agent": "claude-cli/2.1"})
+    for _ in range(5):  # busy, and failing every time
+        await client.post("/status/500", data=b"{}", headers={"User-Agent": "codex_cli_rs/0.5"})
     await client.post("/v1/chat/completions", data=b"{}", headers={"User-Agent": "Zed/0.150"})
+    await client.head("/", headers={"User-Agent": "Bun/1.2.0"})  # a probe, not a client
     text = await render(str(client.make_url("/memory-routing/")))
     assert "healthy" in text
     assert "LiteLLM at http://127.0.0.1" in text
     # the chain, in order, with priorities
     chain = text.index("explicit_header"), text.index("header_patterns"), text.index("| default")
     assert chain == tuple(sorted(chain))
-    # requests per memory space
-    assert "claude-code | 3" in text
-    assert "default | 1" in text
+    # requests per memory space: succeeded, then failed
+    assert "succeeded (2xx) | failed" in text
+    assert "codex | 0 | 5" in text
+    assert "claude-code | 3 | 0" in text
+    assert "default | 2 | 0" in text  # Zed's request, and the probe
     # the unrecognised client and the rule to paste
     assert "user-agent: Zed/0.150" in text
     assert "- {header: user-agent, pattern: '^Zed/', user_id: zed}" in text
+    assert "Bun" not in text
 
 
 async def test_status_page_shows_litellm_down(proxy: ProxyFactory) -> None:

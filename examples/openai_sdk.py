@@ -1,9 +1,11 @@
 """Chat through memproxy with the OpenAI Python SDK, and see which memory space was used.
 
-    MEMPROXY_KEY=sk-... python examples/openai_sdk.py [model]
+    MEMPROXY_KEY=sk-... .venv/bin/python examples/openai_sdk.py [model]
 
-MEMPROXY_KEY is LiteLLM's master key (printed by `memproxy start`). The default
-model, memproxy-demo, answers offline.
+Environment: MEMPROXY_KEY, LiteLLM's master key (printed by `memproxy start`);
+MEMPROXY_URL, memproxy's address (default http://127.0.0.1:8764). The default
+model, memproxy-demo, answers offline. Needs the openai package
+(pip install -e '.[examples]').
 """
 
 import os

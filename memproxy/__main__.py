@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     start = commands.add_parser(
-        "start", help="run LiteLLM and memproxy in front of it (the whole chain)",
+        "start", aliases=["start-proxies"],
+        help="run LiteLLM and memproxy in front of it (the whole chain)",
         description="Start the real LiteLLM proxy as a supervised child on the LiteLLM port, "
                     "wait until it is ready, then serve memproxy in front of it. LiteLLM is "
                     "restarted if it dies and stopped when memproxy stops.",
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
-        if args.command == "start":
+        if args.command in ("start", "start-proxies"):
             return start(args)
         if args.command == "check-config":
             return check_config(args)

@@ -64,6 +64,10 @@ def test_start_proxies_is_the_start_command_under_its_old_name() -> None:
     assert result.returncode == 0
     assert "--litellm-port" in result.stdout
     assert "--memoryproxy-port" in result.stdout
+    by_module = subprocess.run([sys.executable, "-m", "memproxy", "start-proxies", "--help"],
+                               capture_output=True, text=True, timeout=60)
+    assert by_module.returncode == 0
+    assert "--litellm-port" in by_module.stdout
 
 
 # -- LiteLLM's output ------------------------------------------------------------------

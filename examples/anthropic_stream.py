@@ -2,10 +2,9 @@
 
     MEMPROXY_KEY=sk-... python examples/anthropic_stream.py [model]
 
-Needs an Anthropic model in config.yaml (claude-sonnet-4 in the bundled one,
-called through the Supermemory router) and ANTHROPIC_API_KEY set where LiteLLM
-runs. The offline demo model answers too, but LiteLLM's mock answers
-/v1/messages without streaming, so no text events arrive from it.
+The default model, memproxy-demo-claude, answers offline (from the demo provider
+`memproxy start` runs), streamed like a real one. For Claude itself pass
+claude-sonnet-4 and set ANTHROPIC_API_KEY where LiteLLM runs.
 """
 
 import os
@@ -15,7 +14,7 @@ from anthropic import Anthropic
 
 client = Anthropic(base_url=os.environ.get("MEMPROXY_URL", "http://127.0.0.1:8764"),
                    api_key=os.environ["MEMPROXY_KEY"])
-model = sys.argv[1] if len(sys.argv) > 1 else "claude-sonnet-4"
+model = sys.argv[1] if len(sys.argv) > 1 else "memproxy-demo-claude"
 
 with client.messages.stream(
     model=model,

@@ -52,6 +52,8 @@ from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.routing import Refusal, RoutingPolicy, client_request
 from memproxy.runner import STOP_SIGNALS, Drain, serve_until_signalled
 from memproxy.supervisor import (
+    DemoProviderError,
+    DemoProviderSupervisor,
     LiteLLMPortInUse,
     LiteLLMStartError,
     LiteLLMSupervisor,
@@ -189,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except LiteLLMStartError as exc:
         print(f"memproxy: cannot start LiteLLM: {exc}", file=sys.stderr)
+        return 1
+    except DemoProviderError as exc:
+        print(f"memproxy: cannot start the demo provider: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -337,8 +342,13 @@ def start(args: argparse.Namespace) -> int:
                                    ready_timeout=args.ready_timeout,
                                    on_restart=metrics.litellm_restarts.inc,
                                    log_file=litellm_log)
+    demo = None
+    if settings.demo_provider is not None:
+        demo = DemoProviderSupervisor(host=settings.demo_provider.host,
+                                      port=settings.demo_provider.port)
     _log_starting(settings, chain, litellm_url)
-    app = create_app(settings, chain=chain, supervisor=supervisor, metrics=metrics)
+    app = create_app(settings, chain=chain, supervisor=supervisor, metrics=metrics,
+                     demo_provider=demo)
 
     def banner() -> None:
         url = f"http://{settings.host}:{settings.port}"
@@ -350,6 +360,9 @@ def start(args: argparse.Namespace) -> int:
             f"  LiteLLM   {litellm_url}   (pid {supervisor.pid}, config {settings.path})",
             f"            its output: {litellm_log}",
         ]
+        if demo is not None:
+            lines.append(f"  Demo      {demo.url}   (pid {demo.pid}) answers the demo models "
+                         f"offline, streams included")
         if settings.memory.backend == "local":
             lines.append(f"  Memory    {settings.memory_file}   (see it: python -m memproxy "
                          f"memory list)")

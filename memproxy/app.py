@@ -40,7 +40,12 @@ from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.reload import reload_config
-from memproxy.supervisor import LiteLLMSupervisor, supervised
+from memproxy.supervisor import (
+    DemoProviderSupervisor,
+    LiteLLMSupervisor,
+    demo_supervised,
+    supervised,
+)
 
 log = structlog.get_logger("memproxy")
 
@@ -58,6 +63,7 @@ def create_app(
     extra_plugins: Sequence[object] = (),
     supervisor: LiteLLMSupervisor | None = None,
     metrics: Metrics | None = None,
+    demo_provider: DemoProviderSupervisor | None = None,
 ) -> web.Application:
     """The memproxy application for ``settings``.
 
@@ -65,7 +71,7 @@ def create_app(
     registered beside the built-ins and installed plugins. With a
     ``supervisor``, LiteLLM is started before memproxy accepts requests and
     stopped after the last one has finished; pass the ``metrics`` its restarts
-    are counted in.
+    are counted in. A ``demo_provider`` is started before LiteLLM and stopped after it.
     """
     if chain is None:
         chain = build_detector_chain(settings, extra_plugins=extra_plugins)
@@ -101,6 +107,8 @@ def create_app(
     if memory is not None:
         app[MEMORY] = memory
         app.cleanup_ctx.append(_memory(memory))
+    if demo_provider is not None:
+        app.cleanup_ctx.append(demo_supervised(demo_provider))
     if supervisor is not None:
         app[SUPERVISOR] = supervisor
         app.cleanup_ctx.append(supervised(supervisor))

@@ -244,6 +244,19 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DemoProviderSettings:
+    """``memproxy.demo_provider``: the offline provider ``start`` runs for the demo models."""
+
+    host: str = setting("127.0.0.1", check=checks.text, help="the address it listens on")
+    port: int = setting(8766, check=checks.port,
+                        help="its port; the demo models' api_base in model_list points here")
+
+
+def _demo_provider(key: str, value: Any) -> DemoProviderSettings | None:
+    return None if value is None else _load(DemoProviderSettings, value, key)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything memproxy needs, validated: the ``memproxy`` section and the mappings."""
 
@@ -270,6 +283,9 @@ class Settings:
     log: LogSettings = setting(LogSettings)
     event_loop: str = setting("asyncio", check=checks.choice(*EVENT_LOOPS),
                               help="asyncio, or uvloop (pip install 'memproxy-llm[uvloop]')")
+    demo_provider: DemoProviderSettings | None = setting(
+        None, check=_demo_provider, entries=DemoProviderSettings,
+        help="start runs the offline demo provider with these settings (null: it does not)")
 
     #: ``user_id_mappings``: how clients are recognised.
     mappings: UserIdMappings = field(default_factory=UserIdMappings)
@@ -352,7 +368,8 @@ def reference() -> list[tuple[str, str, str]]:
             rows.append((key, _shown_default(item), item.metadata["help"]))
             if item.metadata["entries"] is not None:
                 walk(item.metadata["entries"],
-                     f"{key}.<name>" if item.default_factory is dict else f"{key}[]")
+                     f"{key}.<name>" if item.default_factory is dict
+                     else key if item.default is None else f"{key}[]")
 
     walk(UserIdMappings, "user_id_mappings")
     walk(Settings, "memproxy")

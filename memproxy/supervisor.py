@@ -10,6 +10,10 @@ on, and it calls LiteLLM ready only once its own child listens on the port
 (another LiteLLM answering there would take requests with keys it does not
 know). LiteLLM's output goes to a file of its own; memproxy's log carries only
 LiteLLM's warnings and errors (see :class:`OutputSorter`).
+
+When the config asks for it (``memproxy.demo_provider``), ``start`` also runs the
+offline demo provider the demo models point at (:class:`DemoProviderSupervisor`):
+started before LiteLLM, restarted if it dies, stopped after LiteLLM.
 """
 
 from __future__ import annotations
@@ -552,3 +556,169 @@ def supervised(supervisor: LiteLLMSupervisor) -> Callable[[web.Application],
             await supervisor.stop()
 
     return litellm_ctx
+
+
+# -- the offline demo provider --------------------------------------------------------------
+
+
+class DemoProviderError(Exception):
+    """The demo provider could not be started; the message says why and what to do."""
+
+
+class DemoProviderSupervisor:
+    """Keeps the offline demo provider (:mod:`memproxy.demo_provider`) running.
+
+    It answers the bundled config's demo models, so the chain works with no network and
+    no provider key. Started before LiteLLM (which asks its providers for their models at
+    start) and stopped after it; restarted with backoff if it dies; like LiteLLM, it lives
+    in its own process group and dies with memproxy.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int, ready_timeout: float = 20.0,
+                 stop_timeout: float = 5.0, max_backoff: float = 30.0) -> None:
+        self.host = host
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.max_backoff = max_backoff
+        self.restarts = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._spawned_at = 0.0
+        self._output: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self) -> None:
+        """Spawn it and wait until it answers; raise :class:`DemoProviderError` if not."""
+        await self._spawn()
+        await self._wait_ready()
+        self._watch = asyncio.create_task(self._watch_and_restart())
+
+    async def _spawn(self) -> None:
+        try:
+            check_port_free(self.host, self.port)
+        except LiteLLMPortInUse as exc:
+            raise DemoProviderError(
+                f"{exc.reason}, so the demo provider cannot listen there.\n"
+                f"  Stop that process, or set memproxy.demo_provider.port to a free port (and "
+                f"the demo models' api_base with it), or memproxy.demo_provider: null"
+            ) from None
+        self._spawned_at = time.monotonic()
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "memproxy.demo_provider", "--host", self.host,
+            "--port", str(self.port), "--demo",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        log.info("demo_provider_spawned", pid=self._process.pid, url=self.url)
+        self._output = asyncio.create_task(self._log_output(self._process))
+
+    async def _log_output(self, process: asyncio.subprocess.Process) -> None:
+        """Whatever it writes (a traceback, most often) goes into memproxy's log."""
+        assert process.stderr is not None
+        while True:
+            try:
+                raw = await process.stderr.readline()
+            except ValueError:  # a line longer than the stream limit
+                continue
+            if not raw:
+                return
+            if text := raw.decode("utf-8", "replace").rstrip():
+                log.warning("demo_provider_output", pid=process.pid, line=text)
+
+    async def _wait_ready(self) -> None:
+        """Wait until the child itself, no other process, answers ``GET /``."""
+        process = self._process
+        assert process is not None
+        deadline = time.monotonic() + self.ready_timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if process.returncode is not None:
+                    if self._output:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(self._output, 2)
+                    raise DemoProviderError(
+                        f"the demo provider {_exit_text(process.returncode)} while starting "
+                        f"(its output is in memproxy's log)")
+                if group_listens(process.pid, self.port) is not False:
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with session.get(self.url + "/",
+                                               timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                            if resp.status == 200:
+                                log.info("demo_provider_ready", url=self.url, pid=process.pid)
+                                return
+                if time.monotonic() > deadline:
+                    await self._terminate()
+                    raise DemoProviderError(
+                        f"the demo provider did not answer on {self.url} within "
+                        f"{self.ready_timeout:.0f} s")
+                await asyncio.sleep(0.1)
+
+    async def _watch_and_restart(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            assert self._process is not None
+            code = await self._process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - self._spawned_at > STABLE_AFTER_S:
+                backoff = 1.0
+            log.error("demo_provider_failed", reason=_exit_text(code), restart_in_s=backoff)
+            while not self._stopping.is_set():
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                self.restarts += 1
+                try:
+                    await self._spawn()
+                    await self._wait_ready()
+                    break
+                except (DemoProviderError, OSError) as exc:
+                    log.error("demo_provider_failed", reason=str(exc).splitlines()[0],
+                              restart_in_s=backoff)
+
+    async def _terminate(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self.stop_timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+    async def stop(self) -> None:
+        """Terminate it (SIGTERM, then SIGKILL after ``stop_timeout``)."""
+        self._stopping.set()
+        if self._watch:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self._terminate()
+        if self._output:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._output, 2)
+        if self._process is not None:
+            log.info("demo_provider_stopped", status=self._process.returncode)
+
+
+def demo_supervised(demo: DemoProviderSupervisor) -> Callable[[web.Application],
+                                                              AsyncIterator[None]]:
+    """A ``cleanup_ctx`` that runs the demo provider for the application's whole life."""
+
+    async def demo_ctx(app: web.Application) -> AsyncIterator[None]:
+        await demo.start()
+        try:
+            yield
+        finally:
+            await demo.stop()
+
+    return demo_ctx

@@ -99,7 +99,7 @@ def serve_memproxy() -> Iterator[ServeFactory]:
 def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
     record = tmp_path_factory.mktemp("provider") / "requests.jsonl"
     process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "fake_provider.py"), "--port", "0",
+        [sys.executable, "-m", "memproxy.demo_provider", "--port", "0",
          "--record", str(record), "--delay", "0.02"],
         stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None

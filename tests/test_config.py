@@ -279,9 +279,15 @@ def test_bundled_config_keeps_memory_locally_and_sends_no_provider_memory_header
 
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     assert raw["memproxy"]["memory"]["backend"] == "local"
-    # No provider gets client headers, the Supermemory key or the memory user id.
+    # No provider gets client headers, the Supermemory key or the memory user id, but for
+    # the demo provider on this machine (its answers show the memory space).
     assert "forward_client_headers_to_llm_api" not in (raw.get("general_settings") or {})
-    assert "litellm_settings" not in raw
+    forwarded = raw["litellm_settings"]["model_group_settings"][
+        "forward_client_headers_to_llm_api"]
+    demo_port = raw["memproxy"]["demo_provider"]["port"]
+    bases = {m["model_name"]: m["litellm_params"].get("api_base") for m in raw["model_list"]}
+    assert forwarded == ["memproxy-demo", "memproxy-demo-claude"]
+    assert all(bases[name].startswith(f"http://127.0.0.1:{demo_port}") for name in forwarded)
     assert not [m for m in raw["model_list"]
                 if goes_through_supermemory(m["litellm_params"].get("api_base"))
                 or m["litellm_params"].get("extra_headers")]

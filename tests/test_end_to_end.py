@@ -1,7 +1,7 @@
 """The whole chain, for real: SDK clients -> memproxy start -> the real LiteLLM -> a fake provider.
 
 ``memproxy start`` runs as a separate process, so its supervisor spawns the real
-``litellm`` binary. The only stand-in is the LLM provider (tests/fake_provider.py),
+``litellm`` binary. The only stand-in is the LLM provider (memproxy/demo_provider.py),
 which records every request it gets; the assertions are about what it recorded.
 """
 
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -345,11 +346,26 @@ def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> Non
             env={**env, "MEMPROXY_URL": f"http://127.0.0.1:{port}", "MEMPROXY_KEY": key})
         assert example.returncode == 0, example.stderr
         assert "memory user: openai-python decided by header_patterns" in example.stdout
-        assert "Hello from memproxy-demo." in example.stdout
-        assert "streamed: Hello from memproxy-demo." in example.stdout
+        assert 'memproxy-demo here. You said: "What did we talk about last time?". Your ' \
+               "memory space: openai-python." in example.stdout
+        assert 'streamed: memproxy-demo here. You said: "Say hello.".' in example.stdout
         assert f"Memory    {tmp_path / 'memproxy-memory.db'}" in banner
+        assert "Demo      http://127.0.0.1:8766" in banner
 
+        # Streams arrive event by event, on the Responses API and on Anthropic's Messages.
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+        with client.responses.stream(model="memproxy-demo", input="Stream me.") as events:
+            deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert len(deltas) >= 3
+        assert "".join(deltas).startswith('memproxy-demo here. You said: "Stream me.".')
+        claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=key)
+        with claude.messages.stream(model="memproxy-demo-claude", max_tokens=100, messages=[
+                {"role": "user", "content": "Stream me too."}]) as stream:
+            pieces = list(stream.text_stream)
+        assert len(pieces) >= 3
+        assert "".join(pieces) == ('memproxy-demo here. You said: "Stream me too.". Your memory '
+                                   "space: anthropic-python. Memories in this request: 0.")
+
         client.chat.completions.create(model="memproxy-demo", messages=[
             {"role": "user", "content": "My favourite colour is teal."}])
         kept = ""
@@ -362,7 +378,11 @@ def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> Non
         second = client.chat.completions.with_raw_response.create(
             model="memproxy-demo",
             messages=[{"role": "user", "content": "What is my favourite colour?"}])
-        assert int(second.headers["x-memproxy-memories"]) >= 1
+        memories = int(second.headers["x-memproxy-memories"])
+        assert memories >= 1
+        # The demo provider counted the memories memproxy added to the request.
+        assert second.parse().choices[0].message.content.endswith(
+            f"Memories in this request: {memories}.")
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=40)
@@ -383,3 +403,51 @@ def test_litellm_that_cannot_start_is_reported_with_its_last_output(tmp_path: Pa
     assert "master key" in result.stderr.lower()
     assert "Traceback" not in result.stderr.split("LiteLLM's last output:")[0]
 
+
+
+def client_tool(name: str) -> str | None:
+    """A real client's command: in $MEMPROXY_CLIENT_TOOLS (e.g. the node_modules/.bin of
+    ``npm install --prefix DIR @openai/codex @anthropic-ai/claude-code``), else on PATH."""
+    folder = os.environ.get("MEMPROXY_CLIENT_TOOLS")
+    if folder and (Path(folder) / name).is_file():
+        return str(Path(folder) / name)
+    return shutil.which(name)
+
+
+@pytest.mark.skipif(not (client_tool("codex") and client_tool("claude")),
+                    reason="codex and claude not found (set MEMPROXY_CLIENT_TOOLS)")
+def test_codex_and_claude_code_answer_offline_from_the_demo_models(tmp_path: Path) -> None:
+    codex, claude = client_tool("codex"), client_tool("claude")
+    assert codex and claude
+    demo_port = unused_port()
+    config = (ROOT / "config.yaml").read_text().replace("8766", str(demo_port))
+    chain = start_chain(tmp_path, config, env={})
+    try:
+        (tmp_path / "codex").mkdir()
+        (tmp_path / "codex" / "config.toml").write_text(
+            'model = "memproxy-demo"\nmodel_provider = "memproxy"\n\n'
+            '[model_providers.memproxy]\nname = "memproxy"\n'
+            f'base_url = "{chain.url}/v1"\nenv_key = "MEMPROXY_KEY"\nwire_api = "responses"\n')
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("OPENAI_", "ANTHROPIC_", "CODEX_", "CLAUDE_"))}
+        ran = subprocess.run(
+            [codex, "exec", "--skip-git-repo-check", "Say hi to the demo."],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env={**env, "CODEX_HOME": str(tmp_path / "codex"), "MEMPROXY_KEY": chain.key})
+        assert ran.returncode == 0, ran.stderr
+        assert 'memproxy-demo here. You said: "Say hi to the demo.". Your memory space: ' \
+               "codex." in ran.stdout
+
+        (tmp_path / "home").mkdir()
+        ran = subprocess.run(
+            [claude, "-p", "Say hi to the demo."], capture_output=True, text=True,
+            timeout=120, cwd=tmp_path,
+            env={**env, "HOME": str(tmp_path / "home"), "ANTHROPIC_BASE_URL": chain.url,
+                 "ANTHROPIC_API_KEY": chain.key, "ANTHROPIC_MODEL": "memproxy-demo-claude",
+                 "ANTHROPIC_DEFAULT_HAIKU_MODEL": "memproxy-demo-claude",
+                 "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
+        assert ran.returncode == 0, ran.stderr
+        assert 'memproxy-demo here. You said: "Say hi to the demo.". Your memory space: ' \
+               "claude-code." in ran.stdout
+    finally:
+        stop_chain(chain)

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai import AsyncOpenAI
 
+from memproxy.demo_provider import DemoProvider
 from memproxy.errors import Dialect, stream_error_event
 from memproxy.memory.dialects import (
     INJECTED_TAGS,
@@ -35,7 +36,6 @@ from memproxy.memory.dialects import (
     insert_block,
     read_request,
 )
-from tests.fake_provider import FakeProvider
 
 CHAT, RESPONSES, MESSAGES = ApiFormat.CHAT, ApiFormat.RESPONSES, ApiFormat.MESSAGES
 BLOCK = "User Supermemories:\n- [2026-01-02] prefers tabs over spaces\n- lives in Köln 🌍"
@@ -935,12 +935,12 @@ async def test_json_answers_read_as_the_sdks_read_them(
 
 
 @pytest.mark.parametrize("format", list(ApiFormat))
-async def test_the_fake_providers_answers_are_read(format: ApiFormat) -> None:
+async def test_the_demo_providers_answers_are_read(format: ApiFormat) -> None:
     path = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses",
             MESSAGES: "/v1/messages"}[format]
     body = {"model": "gpt-fake", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}],
             "input": "x", "stream_options": {"include_usage": True}}
-    async with FakeProvider(reply="Hallo aus Köln 🌍", chunk_delay=0) as provider, \
+    async with DemoProvider(reply="Hallo aus Köln 🌍", chunk_delay=0) as provider, \
             aiohttp.ClientSession() as session:
         for stream in (True, False):
             reader = AnswerReader(format, event_stream=stream)

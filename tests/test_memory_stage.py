@@ -6,7 +6,7 @@ overloaded store never makes a request worse than no memory at all; that no user
 ever holds another user's words; how soon an answer is remembered; that a conversation keeps
 the block it started with; and that an erased memory stays out of the next block.
 
-The provider is :class:`tests.fake_provider.FakeProvider`, answering Chat Completions,
+The provider is :class:`memproxy.demo_provider.DemoProvider`, answering Chat Completions,
 Messages and Responses in each API's own format, streams included; what it received is
 what LiteLLM would have received from memproxy.
 """
@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import memproxy.app
 import memproxy.logs
 from memproxy.app import create_app
+from memproxy.demo_provider import DemoProvider, RecordedRequest
 from memproxy.endpoints import MEMORY
 from memproxy.memory import MEMORIES_HEADER
 from memproxy.memory import sqlite as sqlite_backend
@@ -47,7 +48,6 @@ from memproxy.memory.recall import BLOCK_CLOSE, BLOCK_OPEN
 from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.memory.stage import MemoryStage
 from memproxy.memory.store import NewMemory
-from tests.fake_provider import FakeProvider, RecordedRequest
 from tests.helpers import make_settings, read_log
 
 CHAT = "/v1/chat/completions"
@@ -65,7 +65,7 @@ MARKER = "A note about gardening, written last."
 
 # -- the upstream, and memproxy in front of it -----------------------------------------------
 
-class Upstream(FakeProvider):
+class Upstream(DemoProvider):
     """The fake provider, also answering LiteLLM's liveliness probe, so /health can say ok."""
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:

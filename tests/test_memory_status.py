@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from memproxy.app import create_app
-from tests.fake_provider import FakeProvider
+from memproxy.demo_provider import DemoProvider
 from tests.helpers import make_settings
 
 
 async def test_status_shows_the_memory_file_its_spaces_and_recent_recalls(
     aiohttp_client: Any, tmp_path: Path
 ) -> None:
-    async with FakeProvider() as provider:
+    async with DemoProvider() as provider:
         memory = {"backend": "local", "path": str(tmp_path / "memory.db")}
         app = create_app(make_settings(provider.url, memproxy={"memory": memory}))
         client = await aiohttp_client(app)
@@ -51,7 +51,7 @@ async def test_status_shows_the_memory_file_its_spaces_and_recent_recalls(
 
 
 async def test_status_has_no_memory_section_when_memory_is_off(aiohttp_client: Any) -> None:
-    async with FakeProvider() as provider:
+    async with DemoProvider() as provider:
         client = await aiohttp_client(create_app(make_settings(provider.url)))
         status = await (await client.get("/memory-routing/status")).json()
         health = await (await client.get("/health")).json()

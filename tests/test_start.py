@@ -198,3 +198,50 @@ def test_a_litellm_that_cannot_start_logs_one_error_and_writes_the_log_asked_for
     kept = litellm_log.read_text()
     assert "Traceback (most recent call last):" in kept and "\x1b[" not in kept
     assert not (tmp_path / "litellm.log").exists()
+
+
+def demo_config(port: int) -> str:
+    return (f"model_list:\n  - model_name: demo\n    litellm_params: {{model: openai/demo, "
+            f"api_key: sk-unused, api_base: 'http://127.0.0.1:{port}/v1'}}\n"
+            f"memproxy:\n  demo_provider: {{port: {port}}}\n")
+
+
+def test_a_taken_demo_provider_port_is_said_before_litellm_starts(tmp_path: Path) -> None:
+    port = unused_port()
+    (tmp_path / "config.yaml").write_text(demo_config(port))
+    with socket.create_server(("127.0.0.1", port)):
+        result = subprocess.run(
+            [sys.executable, "-m", "memproxy", "start", "--litellm-port", str(unused_port()),
+             "--port", str(unused_port())],
+            capture_output=True, text=True, timeout=START_TIMEOUT, env=CLEAN_ENV, cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot start the demo provider: port {port} is already in use" in result.stderr
+    assert "memproxy.demo_provider.port" in result.stderr
+    assert "litellm_spawned" not in result.stderr
+
+
+def test_the_demo_provider_answers_through_the_chain_and_is_restarted_if_it_dies(
+    tmp_path: Path
+) -> None:
+    port = unused_port()
+    chain = start_chain(tmp_path, demo_config(port), env={})
+    try:
+        def ask() -> str:
+            return str(chain.openai().chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "hi"}]
+            ).choices[0].message.content)
+
+        assert ask().startswith('memproxy-demo here. You said: "hi".')
+        spawned = [line for line in json_lines(chain.log.read_text())
+                   if line["event"] == "demo_provider_spawned"]
+        os.kill(spawned[0]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len([line for line in json_lines(chain.log.read_text())
+                   if line["event"] == "demo_provider_ready"]) < 2:
+            assert time.monotonic() < deadline, chain.log.read_text()
+            time.sleep(0.2)
+        assert ask().startswith("memproxy-demo here.")
+    finally:
+        stop_chain(chain)
+    events = [line["event"] for line in json_lines(chain.log.read_text())]
+    assert events.index("litellm_stopped") < events.index("demo_provider_stopped")

@@ -1,20 +1,27 @@
-"""A fake LLM provider on loopback that speaks the OpenAI and Anthropic wire formats.
+"""An offline LLM provider on loopback that speaks the OpenAI and Anthropic wire formats.
+
+``memproxy start`` runs it for the bundled config's demo models (``memproxy.demo_provider``),
+so every client, streaming included, can try the whole chain with no network and no
+provider key. With ``demo`` on, each answer says what reached the provider: the last user
+text, the memory space (``x-sm-user-id``) and how many memories memproxy added. Without it,
+every answer is the fixed ``reply``.
 
 It records every request (method, path, query, headers, body) before answering, so tests
 can check exactly what reached the provider, e.g. through a real LiteLLM proxy.
 
 In-process use::
 
-    async with FakeProvider() as provider:
+    async with DemoProvider() as provider:
         ...  # point a client or LiteLLM at provider.url (OpenAI: provider.url + "/v1")
         assert provider.find("/v1/chat/completions")
 
 As a separate process::
 
-    python tests/fake_provider.py --port 0 --record /tmp/requests.jsonl
+    python -m memproxy.demo_provider --port 0 [--demo] [--record /tmp/requests.jsonl]
 
-prints ``READY http://127.0.0.1:PORT`` once listening and runs until killed; each recorded
-request is appended to the record file as one JSON line.
+prints ``READY http://127.0.0.1:PORT`` once listening and runs until stopped; each recorded
+request is appended to the record file as one JSON line (only when ``--record`` is given:
+the demo keeps nothing).
 
 Endpoints (matched by path suffix, so any prefix such as ``/v3/api.anthropic.com`` works):
 
@@ -36,6 +43,7 @@ import asyncio
 import base64
 import itertools
 import json
+import re
 import signal
 import socket
 import struct
@@ -47,10 +55,22 @@ from pathlib import Path
 from typing import Any, Self, TextIO
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 DEFAULT_REPLY = "Hello from the fake provider."
 DEFAULT_CHUNK_DELAY = 0.005
 EMBEDDING_DIMENSIONS = 8
+#: Requests a demo provider keeps in ``requests``.
+DEMO_KEEPS = 20
+#: How much of the user's text a demo answer repeats.
+DEMO_ECHO_CHARS = 200
+#: The header memproxy names the memory space in (its default ``memproxy.headers.user_id``).
+MEMORY_SPACE_HEADER = "x-sm-user-id"
+#: memproxy's memory block, and one memory in it (``[YYYY-MM-DD] role: text``).
+MEMORY_BLOCK = re.compile(r'<memories source="memproxy">(.*?)</memories>', re.DOTALL)
+MEMORY_SNIPPET = re.compile(r"\[\d{4}-\d{2}-\d{2}\] ")
+#: Context a client adds to the user's turn (Claude Code's reminders), not the user's words.
+CLIENT_CONTEXT = re.compile(r"<system-reminder>.*?</system-reminder>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,61 @@ class RecordedRequest:
         }
 
 
+def _strings(value: Any) -> Iterable[str]:
+    """Every string inside a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _text_of(content: Any) -> str:
+    """The text of one message's content: a string, or the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [part.get("text") for part in content if isinstance(part, dict)
+                 and part.get("type") in ("text", "input_text")]
+        return "\n".join(t for t in texts if isinstance(t, str))
+    return ""
+
+
+def last_user_text(payload: dict[str, Any]) -> str:
+    """The latest user text of a Chat Completions, Messages or Responses request body."""
+    items = payload.get("messages")
+    if items is None:
+        items = payload.get("input")
+    if isinstance(items, str):
+        return items
+    for item in reversed(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("role") == "user":
+            text = _text_of(item.get("content"))
+            text = CLIENT_CONTEXT.sub("", MEMORY_BLOCK.sub("", text)).strip()
+            if text:
+                return text
+    return ""
+
+
+def memories_in(payload: dict[str, Any]) -> int:
+    """How many memories memproxy's memory blocks in the request hold."""
+    return sum(len(MEMORY_SNIPPET.findall(block))
+               for text in _strings(payload) for block in MEMORY_BLOCK.findall(text))
+
+
+def demo_answer(payload: dict[str, Any], headers: CIMultiDictProxy[str]) -> str:
+    """What the demo answers: what it was sent, as the provider saw it."""
+    said = " ".join(last_user_text(payload).split())
+    if len(said) > DEMO_ECHO_CHARS:
+        said = said[:DEMO_ECHO_CHARS].rstrip() + "..."
+    space = headers.get(MEMORY_SPACE_HEADER) or "not forwarded"
+    return (f"memproxy-demo here. You said: \"{said}\". "
+            f"Your memory space: {space}. Memories in this request: {memories_in(payload)}.")
+
+
 def split_reply(text: str) -> list[str]:
     """Split text into word-sized stream chunks ("Hello", " from", ...) that join back to it."""
     chunks: list[str] = []
@@ -106,8 +181,8 @@ def _sse_event(name: str, payload: Any) -> bytes:
     return f"event: {name}\n".encode() + _sse_data(payload)
 
 
-class FakeProvider:
-    """Fake OpenAI/Anthropic provider served by aiohttp on loopback."""
+class DemoProvider:
+    """An offline OpenAI/Anthropic provider served by aiohttp on loopback."""
 
     def __init__(
         self,
@@ -116,6 +191,7 @@ class FakeProvider:
         chunk_delay: float = DEFAULT_CHUNK_DELAY,
         model_ids: Iterable[str] = ("gpt-fake", "claude-fake"),
         record_file: str | Path | None = None,
+        demo: bool = False,
     ) -> None:
         """
         reply: the assistant text of every answer.
@@ -123,8 +199,10 @@ class FakeProvider:
         chunk_delay: seconds to wait between stream events.
         model_ids: what the model lists return.
         record_file: if set, each recorded request is appended there as a JSON line.
+        demo: answer with what the request carried (see ``demo_answer``) instead of ``reply``.
         """
         self.reply = reply
+        self.demo = demo
         self.chunks: list[str] | None = list(chunks) if chunks is not None else None
         self.chunk_delay = chunk_delay
         self.model_ids: list[str] = list(model_ids)
@@ -141,7 +219,7 @@ class FakeProvider:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening (port 0 picks a free one); returns the base URL."""
         if self._runner is not None:
-            raise RuntimeError("FakeProvider already started")
+            raise RuntimeError("DemoProvider already started")
         if self._record_path is not None:
             self._record_fh = self._record_path.open("a", encoding="utf-8")
         # A low-level server rather than an Application: every request reaches _handle,
@@ -180,7 +258,7 @@ class FakeProvider:
     @property
     def port(self) -> int:
         if self._port is None:
-            raise RuntimeError("FakeProvider not started")
+            raise RuntimeError("DemoProvider not started")
         return self._port
 
     @property
@@ -226,6 +304,8 @@ class FakeProvider:
 
     def _record(self, recorded: RecordedRequest) -> None:
         self.requests.append(recorded)
+        if self.demo:  # a demo runs for days: it keeps only the latest few
+            del self.requests[:-DEMO_KEEPS]
         if self._record_fh is not None:
             self._record_fh.write(json.dumps(recorded.to_dict()) + "\n")
             self._record_fh.flush()
@@ -247,7 +327,7 @@ class FakeProvider:
         method = request.method
 
         if method in ("GET", "HEAD") and path == "":
-            return web.Response(text="fake provider\n")
+            return web.Response(text="memproxy demo provider\n")
         if method == "GET" and path.endswith("/models"):
             return self._models(request)
         if method != "POST":
@@ -260,22 +340,23 @@ class FakeProvider:
         if not isinstance(payload, dict):
             return self._error(400, "request body is not a JSON object")
 
+        reply = self.answer(payload, request.headers)
         if path.endswith("/messages/count_tokens"):
             return web.json_response({"input_tokens": self._anthropic_input_tokens(payload)})
         if path.endswith("/messages"):
             if payload.get("stream"):
-                return await self._anthropic_stream(request, payload)
-            return web.json_response(self._anthropic_message(payload))
+                return await self._anthropic_stream(request, payload, reply)
+            return web.json_response(self._anthropic_message(payload, reply))
         if path.endswith("/chat/completions"):
             if payload.get("stream"):
-                return await self._chat_stream(request, payload)
-            return web.json_response(self._chat_completion(payload))
+                return await self._chat_stream(request, payload, reply)
+            return web.json_response(self._chat_completion(payload, reply))
         if path.endswith("/embeddings"):
             return web.json_response(self._embeddings(payload))
         if path.endswith("/responses"):
             if payload.get("stream"):
-                return await self._responses_stream(request, payload)
-            return web.json_response(self._response_object(payload, self.reply, "completed"))
+                return await self._responses_stream(request, payload, reply)
+            return web.json_response(self._response_object(payload, reply, "completed"))
         return self._error(404, f"no route for {method} {request.path}")
 
     @staticmethod
@@ -299,9 +380,15 @@ class FakeProvider:
         if self.chunk_delay > 0:
             await asyncio.sleep(self.chunk_delay)
 
-    def stream_pieces(self) -> list[str]:
-        """The text pieces a stream sends: ``chunks``, or else ``reply`` split word by word."""
-        return list(self.chunks) if self.chunks is not None else split_reply(self.reply)
+    def stream_pieces(self, reply: str | None = None) -> list[str]:
+        """The text pieces a stream sends: ``chunks``, or else the reply split word by word."""
+        if self.chunks is not None:
+            return list(self.chunks)
+        return split_reply(self.reply if reply is None else reply)
+
+    def answer(self, payload: dict[str, Any], headers: CIMultiDictProxy[str]) -> str:
+        """The assistant text for this request: ``reply``, or in demo mode what it carried."""
+        return demo_answer(payload, headers) if self.demo else self.reply
 
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids):06d}"
@@ -345,9 +432,9 @@ class FakeProvider:
 
     # ----------------------------------------------------------------- OpenAI chat
 
-    def _chat_usage(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _chat_usage(self, payload: dict[str, Any], reply: str) -> dict[str, Any]:
         prompt = _approx_tokens(payload.get("messages"))
-        completion = _approx_tokens(self.reply)
+        completion = _approx_tokens(reply)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -361,7 +448,7 @@ class FakeProvider:
             },
         }
 
-    def _chat_completion(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _chat_completion(self, payload: dict[str, Any], reply: str) -> dict[str, Any]:
         return {
             "id": self._next_id("chatcmpl-fake"),
             "object": "chat.completion",
@@ -372,7 +459,7 @@ class FakeProvider:
                     "index": 0,
                     "message": {
                         "role": "assistant",
-                        "content": self.reply,
+                        "content": reply,
                         "refusal": None,
                         "annotations": [],
                     },
@@ -380,13 +467,13 @@ class FakeProvider:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": self._chat_usage(payload),
+            "usage": self._chat_usage(payload, reply),
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
         }
 
     async def _chat_stream(
-        self, request: web.BaseRequest, payload: dict[str, Any]
+        self, request: web.BaseRequest, payload: dict[str, Any], reply: str
     ) -> web.StreamResponse:
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         base = {
@@ -413,14 +500,14 @@ class FakeProvider:
         await response.write(
             _sse_data(chunk({"role": "assistant", "content": "", "refusal": None}))
         )
-        for piece in self.stream_pieces():
+        for piece in self.stream_pieces(reply):
             await self._pause()
             await response.write(_sse_data(chunk({"content": piece})))
         await self._pause()
         await response.write(_sse_data(chunk({}, "stop")))
         if include_usage:
             await response.write(
-                _sse_data({**base, "choices": [], "usage": self._chat_usage(payload)})
+                _sse_data({**base, "choices": [], "usage": self._chat_usage(payload, reply)})
             )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -456,9 +543,9 @@ class FakeProvider:
 
     # ----------------------------------------------------------------- OpenAI responses
 
-    def _responses_usage(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _responses_usage(self, payload: dict[str, Any], reply: str) -> dict[str, Any]:
         prompt = _approx_tokens(payload.get("input"))
-        completion = _approx_tokens(self.reply)
+        completion = _approx_tokens(reply)
         return {
             "input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": 0},
@@ -501,7 +588,8 @@ class FakeProvider:
             "tools": [],
             "top_p": 1.0,
             "truncation": "disabled",
-            "usage": self._responses_usage(payload) if status == "completed" else None,
+            "usage": self._responses_usage(payload, text or "") if status == "completed"
+            else None,
             "user": None,
             "metadata": {},
         }
@@ -519,7 +607,7 @@ class FakeProvider:
         }
 
     async def _responses_stream(
-        self, request: web.BaseRequest, payload: dict[str, Any]
+        self, request: web.BaseRequest, payload: dict[str, Any], reply: str
     ) -> web.StreamResponse:
         response_id = self._next_id("resp_fake")
         message_id = self._next_id("msg_fake")
@@ -547,7 +635,7 @@ class FakeProvider:
                 "part": {"type": "output_text", "text": "", "annotations": []},
             },
         )
-        for piece in self.stream_pieces():
+        for piece in self.stream_pieces(reply):
             await self._pause()
             await send(
                 "response.output_text.delta",
@@ -560,7 +648,7 @@ class FakeProvider:
                 },
             )
         await self._pause()
-        text = "".join(self.stream_pieces())
+        text = "".join(self.stream_pieces(reply))
         await send(
             "response.output_text.done",
             {
@@ -603,20 +691,20 @@ class FakeProvider:
             "output_tokens": output_tokens,
         }
 
-    def _anthropic_message(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _anthropic_message(self, payload: dict[str, Any], reply: str) -> dict[str, Any]:
         return {
             "id": self._next_id("msg_fake"),
             "type": "message",
             "role": "assistant",
             "model": payload.get("model", "claude-fake"),
-            "content": [{"type": "text", "text": self.reply}],
+            "content": [{"type": "text", "text": reply}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
-            "usage": self._anthropic_usage(payload, _approx_tokens(self.reply)),
+            "usage": self._anthropic_usage(payload, _approx_tokens(reply)),
         }
 
     async def _anthropic_stream(
-        self, request: web.BaseRequest, payload: dict[str, Any]
+        self, request: web.BaseRequest, payload: dict[str, Any], reply: str
     ) -> web.StreamResponse:
         response = await self._open_stream(request)
         message = {
@@ -643,7 +731,7 @@ class FakeProvider:
             )
         )
         await response.write(_sse_event("ping", {"type": "ping"}))
-        for piece in self.stream_pieces():
+        for piece in self.stream_pieces(reply):
             await self._pause()
             await response.write(
                 _sse_event(
@@ -665,7 +753,9 @@ class FakeProvider:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": _approx_tokens("".join(self.stream_pieces()))},
+                    "usage": {
+                        "output_tokens": _approx_tokens("".join(self.stream_pieces(reply)))
+                    },
                 },
             )
         )
@@ -678,7 +768,8 @@ class FakeProvider:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    provider = FakeProvider(reply=args.reply, chunk_delay=args.delay, record_file=args.record)
+    provider = DemoProvider(reply=args.reply, chunk_delay=args.delay, record_file=args.record,
+                            demo=args.demo)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -692,7 +783,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fake OpenAI/Anthropic provider for tests.")
+    parser = argparse.ArgumentParser(
+        prog="python -m memproxy.demo_provider",
+        description="An offline OpenAI/Anthropic provider: memproxy's demo models and its tests.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument(
         "--port", type=int, default=0, help="0 picks a free port (see the READY line)"
@@ -701,6 +794,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--record", metavar="FILE", help="append recorded requests here as JSON lines"
     )
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="assistant text of every answer")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="answer with what the request carried: the user's text, the memory space and "
+             "the number of memories memproxy added (instead of --reply)")
     parser.add_argument(
         "--delay", type=float, default=DEFAULT_CHUNK_DELAY, help="seconds between stream events"
     )

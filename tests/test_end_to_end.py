@@ -451,3 +451,29 @@ def test_codex_and_claude_code_answer_offline_from_the_demo_models(tmp_path: Pat
                "claude-code." in ran.stdout
     finally:
         stop_chain(chain)
+
+
+def test_the_llm_command_answers_offline_from_the_demo_model(tmp_path: Path) -> None:
+    """simonw's ``llm``, set up as the README's client table says: an OpenAI-compatible
+    model whose base URL is memproxy's."""
+    llm = Path(sys.executable).parent / "llm"
+    assert llm.exists(), "llm is part of the test extra"
+    demo_port = unused_port()
+    config = (ROOT / "config.yaml").read_text().replace("8766", str(demo_port))
+    chain = start_chain(tmp_path, config, env={})
+    try:
+        home = tmp_path / "llm"
+        home.mkdir()
+        (home / "extra-openai-models.yaml").write_text(
+            f"- model_id: memproxy-demo\n  model_name: memproxy-demo\n"
+            f"  api_base: {chain.url}/v1\n  api_key_name: memproxy\n")
+        (home / "keys.json").write_text(json.dumps({"memproxy": chain.key}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+        ran = subprocess.run([str(llm), "-m", "memproxy-demo", "Say hi to the demo."],
+                             capture_output=True, text=True, timeout=120,
+                             env={**env, "LLM_USER_PATH": str(home)})
+        assert ran.returncode == 0, ran.stderr
+        assert 'memproxy-demo here. You said: "Say hi to the demo.". Your memory space: ' \
+               "openai-python." in ran.stdout
+    finally:
+        stop_chain(chain)

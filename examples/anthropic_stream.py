@@ -1,6 +1,9 @@
 """Stream a Claude answer through memproxy with the Anthropic Python SDK.
 
-    MEMPROXY_KEY=sk-... python examples/anthropic_stream.py [model]
+    MEMPROXY_KEY=sk-... .venv/bin/python examples/anthropic_stream.py [model]
+
+Environment: MEMPROXY_KEY, LiteLLM's master key (printed by `memproxy start`);
+MEMPROXY_URL, memproxy's address (default http://127.0.0.1:8764).
 
 The default model, memproxy-demo-claude, answers offline (from the demo provider
 `memproxy start` runs), streamed like a real one. For Claude itself pass

@@ -349,6 +349,14 @@ def test_quick_start_answers_offline_with_a_generated_key(tmp_path: Path) -> Non
         assert 'memproxy-demo here. You said: "What did we talk about last time?". Your ' \
                "memory space: openai-python." in example.stdout
         assert 'streamed: memproxy-demo here. You said: "Say hello.".' in example.stdout
+        by_curl = subprocess.run(["sh", str(ROOT / "examples" / "curl.sh")],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**env, "MEMPROXY_URL": f"http://127.0.0.1:{port}",
+                                      "MEMPROXY_KEY": key})
+        assert by_curl.returncode == 0, by_curl.stderr
+        assert "x-memproxy-user-id: curl" in by_curl.stdout
+        assert "Your memory space: curl." in by_curl.stdout
+        assert by_curl.stdout.count("data: {") > 3  # the streamed answer, event by event
         assert f"Memory    {tmp_path / 'memproxy-memory.db'}" in banner
         assert "Demo      http://127.0.0.1:8766" in banner
 

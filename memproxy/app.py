@@ -43,7 +43,6 @@ from memproxy.reload import reload_config
 from memproxy.supervisor import (
     DemoProviderSupervisor,
     LiteLLMSupervisor,
-    demo_supervised,
     supervised,
 )
 
@@ -108,7 +107,7 @@ def create_app(
         app[MEMORY] = memory
         app.cleanup_ctx.append(_memory(memory))
     if demo_provider is not None:
-        app.cleanup_ctx.append(demo_supervised(demo_provider))
+        app.cleanup_ctx.append(supervised(demo_provider))
     if supervisor is not None:
         app[SUPERVISOR] = supervisor
         app.cleanup_ctx.append(supervised(supervisor))

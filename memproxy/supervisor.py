@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import aiohttp
 import structlog
@@ -544,18 +544,25 @@ def _exit_text(code: int) -> str:
     return f"exited with status {code}"
 
 
-def supervised(supervisor: LiteLLMSupervisor) -> Callable[[web.Application],
-                                                          AsyncIterator[None]]:
-    """A ``cleanup_ctx`` that starts LiteLLM before memproxy serves and stops it after."""
+class Child(Protocol):
+    """A supervised child process: LiteLLM, or the demo provider."""
 
-    async def litellm_ctx(app: web.Application) -> AsyncIterator[None]:
-        await supervisor.start()
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def supervised(child: Child) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` that starts ``child`` before memproxy serves and stops it after."""
+
+    async def child_ctx(app: web.Application) -> AsyncIterator[None]:
+        await child.start()
         try:
             yield
         finally:
-            await supervisor.stop()
+            await child.stop()
 
-    return litellm_ctx
+    return child_ctx
 
 
 # -- the offline demo provider --------------------------------------------------------------
@@ -709,16 +716,3 @@ class DemoProviderSupervisor:
         if self._process is not None:
             log.info("demo_provider_stopped", status=self._process.returncode)
 
-
-def demo_supervised(demo: DemoProviderSupervisor) -> Callable[[web.Application],
-                                                              AsyncIterator[None]]:
-    """A ``cleanup_ctx`` that runs the demo provider for the application's whole life."""
-
-    async def demo_ctx(app: web.Application) -> AsyncIterator[None]:
-        await demo.start()
-        try:
-            yield
-        finally:
-            await demo.stop()
-
-    return demo_ctx

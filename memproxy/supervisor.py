@@ -241,6 +241,39 @@ def short_reason(error: str) -> str:
     return error[:200]
 
 
+async def child_answers(session: aiohttp.ClientSession, process: asyncio.subprocess.Process,
+                        port: int, url: str) -> bool:
+    """Whether ``url`` answers 200 and the socket listening on ``port`` is the child's.
+
+    Another process answering there must never make a child "ready" (see
+    :meth:`LiteLLMSupervisor._wait_ready`); where ``/proc`` cannot tell, a live
+    child on a port that was free is taken to be the one answering.
+    """
+    if group_listens(process.pid, port) is False:
+        return False
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def stop_process_group(process: asyncio.subprocess.Process | None, timeout: float,
+                             kill_event: str) -> None:
+    """SIGTERM to a child's process group, SIGKILL after ``timeout`` seconds."""
+    if process is None or process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        log.warning(kill_event, pid=process.pid, after_s=timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
 def find_litellm() -> str:
     """The ``litellm`` executable: beside this Python first (an unactivated venv), then PATH."""
     beside = Path(sys.executable).parent / "litellm"
@@ -438,17 +471,12 @@ class LiteLLMSupervisor:
                     raise self._failure(
                         f"LiteLLM exited with status {process.returncode} while starting"
                     )
-                if group_listens(process.pid, self.port) is not False:
-                    try:
-                        async with session.get(self.url + LIVELINESS_PATH,
-                                               timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                            if resp.status == 200:
-                                self.ready = True
-                                self.problem = None
-                                log.info("litellm_ready", url=self.url, pid=process.pid)
-                                return
-                    except (aiohttp.ClientError, TimeoutError):
-                        pass
+                if await child_answers(session, process, self.port,
+                                       self.url + LIVELINESS_PATH):
+                    self.ready = True
+                    self.problem = None
+                    log.info("litellm_ready", url=self.url, pid=process.pid)
+                    return
                 if time.monotonic() > deadline:
                     await self._terminate()
                     await self._drain_output()
@@ -503,18 +531,7 @@ class LiteLLMSupervisor:
                     return
 
     async def _terminate(self) -> None:
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), self.stop_timeout)
-        except TimeoutError:
-            log.warning("litellm_kill", pid=process.pid, after_s=self.stop_timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+        await stop_process_group(self._process, self.stop_timeout, "litellm_kill")
 
     def _close_log(self) -> None:
         if self._log is not None:
@@ -653,13 +670,9 @@ class DemoProviderSupervisor:
                     raise DemoProviderError(
                         f"the demo provider {_exit_text(process.returncode)} while starting "
                         f"(its output is in memproxy's log)")
-                if group_listens(process.pid, self.port) is not False:
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                        async with session.get(self.url + "/",
-                                               timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                            if resp.status == 200:
-                                log.info("demo_provider_ready", url=self.url, pid=process.pid)
-                                return
+                if await child_answers(session, process, self.port, self.url + "/"):
+                    log.info("demo_provider_ready", url=self.url, pid=process.pid)
+                    return
                 if time.monotonic() > deadline:
                     await self._terminate()
                     raise DemoProviderError(
@@ -690,17 +703,7 @@ class DemoProviderSupervisor:
                               restart_in_s=backoff)
 
     async def _terminate(self) -> None:
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), self.stop_timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+        await stop_process_group(self._process, self.stop_timeout, "demo_provider_kill")
 
     async def stop(self) -> None:
         """Terminate it (SIGTERM, then SIGKILL after ``stop_timeout``)."""

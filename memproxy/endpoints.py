@@ -17,7 +17,8 @@ from memproxy.errors import dialect_of, error_response
 from memproxy.forwarding import CLIENT_SESSION, Forwarder
 from memproxy.inbox import UnmatchedInbox
 from memproxy.key_problems import KeyProblems
-from memproxy.memory.endpoints import iso, list_users
+from memproxy.logs import iso_time
+from memproxy.memory.endpoints import list_users
 from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics
 from memproxy.reload import ReloadResult
@@ -161,7 +162,7 @@ async def memory_status(app: web.Application) -> dict[str, object] | None:
         "status": "degraded" if memory.degraded else "ok",
         "detail": memory.degraded,
         "users": users,
-        "recent_recalls": [{"at": iso(at), "user_id": user, "memories": count, "ms": ms}
+        "recent_recalls": [{"at": iso_time(at), "user_id": user, "memories": count, "ms": ms}
                            for at, user, count, ms in reversed(memory.recent)],
     }
 

@@ -22,8 +22,9 @@ from yarl import URL
 
 from memproxy.config import Settings
 from memproxy.detection import DetectorChain
+from memproxy.detectors.api_key_hash import LITELLM_KEY_HEADERS
 from memproxy.errors import Dialect, dialect_of, error_response, stream_error_event
-from memproxy.key_problems import KEY_HEADERS, key_problem
+from memproxy.key_problems import key_problem
 from memproxy.memory import MEMORIES_HEADER, InvalidMemoryMode
 from memproxy.observers import RequestObserver, RequestRecord
 from memproxy.routing import (
@@ -378,7 +379,7 @@ class Forwarder:
             if upstream.status >= 400:
                 record.key_problem = key_problem(
                     upstream.status, body,
-                    sent_key=any(name in request.headers for name in KEY_HEADERS))
+                    sent_key=any(name in request.headers for name in LITELLM_KEY_HEADERS))
             if turn is not None:
                 turn.feed(body)
                 turn.finish(upstream.status, complete=True)

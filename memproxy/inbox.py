@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from memproxy.identifiers import check_id
+from memproxy.logs import iso_time
 from memproxy.observers import RequestRecord
 
 IDENTIFYING_HEADERS = ("user-agent", "x-app", "originator", "x-title",
@@ -161,13 +162,10 @@ class UnmatchedInbox:
             result.append({
                 "headers": entry.fingerprint,
                 "count": entry.count,
-                "first_seen": _iso(entry.first_seen),
-                "last_seen": _iso(entry.last_seen),
+                "first_seen": iso_time(entry.first_seen),
+                "last_seen": iso_time(entry.last_seen),
                 "suggested_rule": rule,
                 "suggested_yaml": rule_as_yaml(rule) if rule else None,
             })
         return result
 
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

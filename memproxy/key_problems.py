@@ -15,13 +15,11 @@ from dataclasses import dataclass
 
 import structlog
 
+from memproxy.logs import iso_time
 from memproxy.observers import RequestRecord
 
 log = structlog.get_logger("memproxy")
 
-#: The headers LiteLLM reads a key from (see memproxy.detectors.api_key_hash).
-KEY_HEADERS = ("authorization", "x-litellm-api-key", "x-api-key", "api-key", "x-goog-api-key",
-               "ocp-apim-subscription-key")
 FIX = ("give the client the API key from memproxy start's banner, or your LITELLM_MASTER_KEY "
        "(a LiteLLM virtual key needs LiteLLM's database)")
 MAX_CLIENTS = 100
@@ -76,5 +74,5 @@ class KeyProblems:
     def listed(self) -> list[dict[str, object]]:
         """For the status page: each client's problem, newest first, with the fix."""
         return [{"client": p.client, "problem": p.problem, "count": p.count,
-                 "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.last_seen)),
+                 "last_seen": iso_time(p.last_seen),
                  "fix": FIX} for p in reversed(self._clients.values())]

@@ -35,6 +35,11 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def iso_time(timestamp: float) -> str:
+    """A time as memproxy's own endpoints show it: ISO 8601 in UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
 class UtcTimestamp:
     """Adds ``timestamp``: ISO 8601 in UTC with microseconds, as ``TimeStamper(fmt="iso")``."""
 

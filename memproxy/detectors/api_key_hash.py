@@ -46,6 +46,8 @@ TOOL_SEPARATOR = ":"
 # its order (litellm/proxy/auth/user_api_key_auth.py, get_api_key): Azure's, Anthropic's,
 # Google AI Studio's and Azure APIM's. Their values are the key itself.
 _PLAIN_KEY_HEADERS = ("api-key", "x-api-key", "x-goog-api-key", "ocp-apim-subscription-key")
+#: Every header LiteLLM may read a key from (besides a configured custom one).
+LITELLM_KEY_HEADERS = ("x-litellm-api-key", "authorization", *_PLAIN_KEY_HEADERS)
 _AWS_BEARER = re.compile(r"Credential=Bearer\s+([^/\s,]+)")
 _AWS_CREDENTIAL = re.compile(r"Credential=([^/\s,]+)")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from memproxy.errors import Dialect, error_response
 from memproxy.identifiers import check_id
+from memproxy.logs import iso_time
 from memproxy.memory.store import Memory, MemoryStore
 
 log = structlog.get_logger("memproxy.memory")
@@ -32,19 +32,15 @@ MAX_LIMIT = 1000
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
-def iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
 def memory_json(memory: Memory) -> dict[str, Any]:
     """One memory as the API and the command line show it."""
-    return {"id": memory.id, "text": memory.text, "created_at": iso(memory.created_at),
+    return {"id": memory.id, "text": memory.text, "created_at": iso_time(memory.created_at),
             "conversation_id": memory.conversation_id, "role": memory.role,
             "client": memory.client, "user_agent": memory.user_agent, "model": memory.model}
 
 
 async def list_users(store: MemoryStore) -> list[dict[str, Any]]:
-    return [{"user_id": u.user_id, "memories": u.memories, "last_write": iso(u.last_write)}
+    return [{"user_id": u.user_id, "memories": u.memories, "last_write": iso_time(u.last_write)}
             for u in await store.users()]
 
 

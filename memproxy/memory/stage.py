@@ -37,7 +37,6 @@ from memproxy.routing import MEMORY_MODE_HEADER
 
 log = structlog.get_logger("memproxy.memory")
 
-MODE_HEADER = MEMORY_MODE_HEADER
 #: Recalls the status page lists.
 RECENT_RECALLS = 20
 #: Writes handed to the store at once.
@@ -129,9 +128,9 @@ class MemoryStage:
 
         Raises :class:`InvalidMemoryMode` for an unknown ``x-memory-mode``.
         """
-        mode = headers.get(MODE_HEADER, "on").strip().lower()
+        mode = headers.get(MEMORY_MODE_HEADER, "on").strip().lower()
         if mode not in MODES:
-            raise InvalidMemoryMode(f"{MODE_HEADER} must be one of {', '.join(MODES)}, "
+            raise InvalidMemoryMode(f"{MEMORY_MODE_HEADER} must be one of {', '.join(MODES)}, "
                                     f"got {mode[:40]!r}")
         if mode == "off" or (unrecognised and not self.settings.for_unidentified):
             return None

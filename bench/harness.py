@@ -299,9 +299,15 @@ class Lab:
 
     def memproxy_config(self, name: str, *, log_level: str = "info",
                         event_loop: str = "asyncio") -> Path:
-        """The bundled config with JSON logs at ``log_level`` on ``event_loop``, as a file."""
+        """The bundled config with JSON logs at ``log_level`` on ``event_loop``, as a file.
+
+        Memory is off: the proxies compared here do no recall or capture, so with it on
+        memproxy would be measured doing work they skip. What memory costs is measured by
+        ``python -m bench.memory_speed`` and ``python -m bench.locomo``.
+        """
         config = yaml.safe_load(self.config.read_text()) or {}
         section = config["memproxy"] = config.get("memproxy") or {}
+        section["memory"] = {"backend": "off"}
         section["log"] = {"format": "json", "level": log_level}
         section["event_loop"] = event_loop
         path = self.work / f"{name}.yaml"

@@ -26,6 +26,7 @@ from memproxy.app import create_app
 from memproxy.config import (
     DEFAULT_LITELLM_URL,
     DEFAULT_PORT,
+    OWN_MEMORY_BACKENDS,
     ConfigError,
     HeaderPattern,
     Settings,
@@ -39,6 +40,7 @@ from memproxy.detection import DetectorChain, PluginError, build_detector_chain
 from memproxy.endpoints import FORWARDER, RELOAD
 from memproxy.litellm_lint import lint
 from memproxy.logs import bind_process, configure_logging
+from memproxy.memory.backends import copy_memories, memory_store, store_at, where
 from memproxy.memory.endpoints import (
     BadRequest,
     list_memories,
@@ -47,7 +49,7 @@ from memproxy.memory.endpoints import (
     parse_limit,
     parse_user,
 )
-from memproxy.memory.sqlite import SqliteMemoryStore
+from memproxy.memory.store import MemoryStore
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.routing import Refusal, RoutingPolicy, client_request
 from memproxy.runner import STOP_SIGNALS, Drain, serve_until_signalled
@@ -114,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list every memproxy config key with its default and meaning")
 
     memory = commands.add_parser(
-        "memory", help="see and erase what memproxy remembers (memproxy.memory.backend: local)",
-        description="See and erase the memories memproxy keeps, in the file of "
-                    "memproxy.memory.path; the same as the /memory-routing/memory endpoints.")
+        "memory", help="see, erase, copy what memproxy remembers (memory.backend: local, postgres)",
+        description="See and erase the memories memproxy keeps, in the store of "
+                    "memproxy.memory (the SQLite file or the PostgreSQL database); the same as "
+                    "the /memory-routing/memory endpoints.")
     memory.add_argument("--config", "-c", help=config_help)
     memory_commands = memory.add_subparsers(dest="memory_command", metavar="ACTION",
                                             required=True)
@@ -131,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
         "delete", help="erase one memory, or all of a user's (gone from the file too)")
     delete.add_argument("user")
     delete.add_argument("id", nargs="?", help="the memory's id (none: all of the user's)")
+    memory_commands.add_parser(
+        "migrate-db", help="create or upgrade the PostgreSQL tables now (memory.migrate: false)",
+        description="Create or upgrade memproxy's tables in the database of memproxy.memory.dsn, "
+                    "under an advisory lock; safe to run while replicas run.")
+    copy = memory_commands.add_parser(
+        "copy", help="copy every memory from one store into another (resumable)",
+        description="Copy every user's memories from one store into another, e.g. from the "
+                    "SQLite file of one machine into the team's PostgreSQL database. Safe to "
+                    "run again after an interruption: what arrived already is skipped.",
+        epilog="example: python -m memproxy memory copy --from sqlite:memproxy-memory.db "
+               "--to postgres:postgresql://memproxy@db.internal/memproxy")
+    copy.add_argument("--from", dest="source", required=True, metavar="STORE",
+                      help="sqlite:PATH or postgres:DSN")
+    copy.add_argument("--to", dest="target", required=True, metavar="STORE",
+                      help="sqlite:PATH or postgres:DSN")
 
     explain = commands.add_parser(
         "explain", help="show which user id a request with these headers would get",
@@ -363,8 +381,8 @@ def start(args: argparse.Namespace) -> int:
         if demo is not None:
             lines.append(f"  Demo      {demo.url}   (pid {demo.pid}) answers the demo models "
                          f"offline, streams included")
-        if settings.memory.backend == "local":
-            lines.append(f"  Memory    {settings.memory_file}   (see it: python -m memproxy "
+        if settings.memory.backend in OWN_MEMORY_BACKENDS:
+            lines.append(f"  Memory    {where(settings)}   (see it: python -m memproxy "
                          f"memory list)")
         if generated_key:
             lines += ["  API key   " + generated_key,
@@ -446,16 +464,70 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def memory_command(args: argparse.Namespace) -> int:
-    """``memproxy memory ...``: the admin API's functions on the memory file itself."""
+    """``memproxy memory ...``: the admin API's functions on the memory store itself."""
+    if args.memory_command == "copy":
+        return asyncio.run(_copy(store_at(args.source, "--from"), store_at(args.target, "--to"),
+                                 args.source, args.target))
     settings = load_settings(args.config)
-    if settings.memory.backend != "local":
+    store = memory_store(settings)
+    if store is None:
         raise ConfigError("memproxy.memory.backend",
                           f"is {settings.memory.backend}: memproxy keeps no memory of its own",
-                          "set memproxy.memory.backend: local")
-    return asyncio.run(_memory_command(args, SqliteMemoryStore(settings.memory_file)))
+                          "set memproxy.memory.backend: local (or postgres)")
+    if args.memory_command == "migrate-db":
+        if settings.memory.backend != "postgres":
+            raise ConfigError("memproxy.memory.backend", "is local: an SQLite file is upgraded "
+                              "when memproxy opens it", "migrate-db is for backend: postgres")
+        return asyncio.run(_migrate(store, where(settings)))
+    return asyncio.run(_memory_command(args, store, where(settings)))
 
 
-async def _memory_command(args: argparse.Namespace, store: SqliteMemoryStore) -> int:
+async def _migrate(store: MemoryStore, place: str) -> int:
+    from memproxy.memory.postgres import PostgresMemoryStore
+
+    assert isinstance(store, PostgresMemoryStore)
+    try:
+        before, after = await store.migrate()
+    except Exception as exc:
+        print(f"memproxy: cannot migrate {place}: {store.redact(f'{type(exc).__name__}: {exc}')}",
+              file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    print(f"{place}: layout {after}" + (f" (was {before})" if before != after else
+                                        " (already up to date)"))
+    return 0
+
+
+async def _copy(source: MemoryStore, target: MemoryStore, source_name: str,
+                target_name: str) -> int:
+    def progress(user_id: str, read: int, written: int) -> None:
+        print(f"  {user_id}: {read} memories read", file=sys.stderr)
+
+    try:
+        report = await copy_memories(source, target, progress=progress)
+    except Exception as exc:
+        print(f"memproxy: the copy stopped: {_redacted(exc, source, target)}\n"
+              "Run the same command again: it skips what was copied already.", file=sys.stderr)
+        return 1
+    finally:
+        await source.close()
+        await target.close()
+    print(f"copied {report.users} users: {report.read} memories read, {report.written} "
+          f"written, {report.read - report.written} already there")
+    return 0
+
+
+def _redacted(exc: Exception, *stores: MemoryStore) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    for store in stores:
+        redact = getattr(store, "redact", None)
+        if redact is not None:
+            text = redact(text)
+    return text
+
+
+async def _memory_command(args: argparse.Namespace, store: MemoryStore, place: str) -> int:
     try:
         await store.open()
         if args.memory_command == "list" and args.user is None:
@@ -464,7 +536,7 @@ async def _memory_command(args: argparse.Namespace, store: SqliteMemoryStore) ->
                 print(f"{user['user_id']:<40} {user['memories']:>8} memories, "
                       f"last {user['last_write']}")
             if not users:
-                print(f"no memories in {store.path}")
+                print(f"no memories in {place}")
         elif args.memory_command == "list":
             for memory in await list_memories(store, parse_user(args.user),
                                               query=args.search, limit=parse_limit(args.limit)):

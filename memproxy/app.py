@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -35,8 +36,8 @@ from memproxy.forwarding import CLIENT_SESSION, SMALL_BODY, Forwarder
 from memproxy.inbox import UnmatchedInbox
 from memproxy.key_problems import KeyProblems
 from memproxy.logs import RequestLog
+from memproxy.memory.backends import memory_store, where
 from memproxy.memory.endpoints import memory_routes
-from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics, UserIdLabels
 from memproxy.reload import reload_config
@@ -48,6 +49,8 @@ from memproxy.supervisor import (
 
 log = structlog.get_logger("memproxy")
 
+# How long start-up waits for the memory store (a database server may be down).
+OPEN_TIMEOUT = 3.0
 # Large enough for any header a real client sends; LiteLLM's own limit is similar.
 MAX_LINE_SIZE = 16 * 1024
 MAX_FIELD_SIZE = 64 * 1024
@@ -80,9 +83,9 @@ def create_app(
     # The order they run in: the log line first, so it is written even if another fails.
     key_problems = KeyProblems()
     observers = (RequestLog(), metrics, inbox, activity, key_problems)
-    memory = None
-    if settings.memory.backend == "local":
-        memory = MemoryStage(settings.memory, SqliteMemoryStore(settings.memory_file), metrics)
+    store = memory_store(settings)
+    memory = None if store is None else MemoryStage(settings.memory, store, metrics,
+                                                    place=where(settings))
     forwarder = Forwarder(settings, chain, observers=observers,
                           open_streams=metrics.streams_open,
                           unavailable=supervisor.unavailable if supervisor else None,
@@ -105,7 +108,8 @@ def create_app(
     app.cleanup_ctx.append(_client_session(settings))
     if memory is not None:
         app[MEMORY] = memory
-        app.cleanup_ctx.append(_memory(memory))
+        app.cleanup_ctx.append(_memory(memory, "the memory file" if settings.memory.backend
+                                       == "local" else "the memory database"))
     if demo_provider is not None:
         app.cleanup_ctx.append(supervised(demo_provider))
     if supervisor is not None:
@@ -126,21 +130,24 @@ def create_app(
     for method, path, handler in memory_routes(
             lambda request: memory.store if memory is not None else None,
             lambda request: "memproxy keeps no memory itself (memproxy.memory.backend is "
-                            f"{settings.memory.backend}); set it to local",
+                            f"{settings.memory.backend}); set it to local or postgres",
             erased=memory.forget if memory is not None else lambda user_id: None):
         app.router.add_route(method, path, admin_only(handler, settings_of))
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=forwarder.expect)
     return app
 
 
-def _memory(memory: MemoryStage) -> Callable[[web.Application], AsyncIterator[None]]:
+def _memory(memory: MemoryStage,
+            what: str) -> Callable[[web.Application], AsyncIterator[None]]:
     """The memory store and its writer, open for the application's whole life."""
 
     async def memory_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
-            await memory.store.open()
+            # A database that is down must not hold up the start: memproxy serves without
+            # memory, and the store connects by itself once the server answers.
+            await asyncio.wait_for(memory.store.open(), OPEN_TIMEOUT)
         except Exception as exc:  # memproxy serves on without memory; /health says why
-            memory.degraded = f"cannot open the memory file: {type(exc).__name__}: {exc}"
+            memory.degraded = f"cannot open {what}: {type(exc).__name__}: {exc}".rstrip(": ")
             log.error("memory_unavailable", error=memory.degraded)
         async with memory.running():
             yield

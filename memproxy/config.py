@@ -202,6 +202,12 @@ class AdminAccess:
                            help="/metrics under the same rule (admin), or open to anyone")
 
 
+#: Where memory is kept (``memproxy.memory.backend``).
+MEMORY_BACKENDS = ("off", "local", "postgres", "supermemory")
+#: The backends memproxy keeps memory in itself.
+OWN_MEMORY_BACKENDS = ("local", "postgres")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecallSettings:
     """``memproxy.memory.recall``: what goes into a conversation, and when."""
@@ -219,11 +225,21 @@ class RecallSettings:
 class MemorySettings:
     """``memproxy.memory``: where conversations are remembered, and how they come back."""
 
-    backend: str = setting("off", check=checks.choice("off", "local", "supermemory"),
-                           help="local: memproxy keeps memory in an SQLite file; supermemory: "
-                                "headers only, the router keeps memory; off: none")
+    backend: str = setting("off", check=checks.choice(*MEMORY_BACKENDS),
+                           help="local: memproxy keeps memory in an SQLite file; postgres: in a "
+                                "PostgreSQL database; supermemory: headers only, the router "
+                                "keeps memory; off: none")
     path: str = setting("memproxy-memory.db", check=checks.text,
                         help="with backend: local, the SQLite file (relative: beside the config)")
+    dsn: Secret | None = setting(
+        None, check=checks.optional_secret, env="MEMPROXY_MEMORY_DSN",
+        help="with backend: postgres, a libpq connection string or postgresql:// URL "
+             "($MEMPROXY_MEMORY_DSN when absent; never shown)")
+    migrate: bool = setting(True, check=checks.boolean,
+                            help="with backend: postgres, create and upgrade the tables at "
+                                 "start-up; false: run python -m memproxy memory migrate-db")
+    pool_size: int = setting(8, check=checks.whole_number(1, 1000),
+                             help="with backend: postgres, connections per process at most")
     for_unidentified: bool = setting(
         False, check=checks.boolean,
         help="give memory to requests only the default detector matched (they share one space)")
@@ -562,6 +578,16 @@ def _check_together(settings: Settings) -> None:
             f"trust: secret needs a shared secret of at least {MIN_SECRET_LENGTH} characters",
             "set MEMPROXY_EXPLICIT_ID_SECRET, or secret: os.environ/NAME",
         )
+    memory = settings.memory
+    if memory.backend == "postgres":
+        if memory.dsn is None:
+            raise ConfigError("memproxy.memory.dsn", "backend: postgres needs a database",
+                              "dsn: os.environ/MEMPROXY_MEMORY_DSN, with that variable set to "
+                              "e.g. postgresql://memproxy@db.internal/memproxy")
+        if importlib.util.find_spec("psycopg") is None or \
+                importlib.util.find_spec("psycopg_pool") is None:
+            raise ConfigError("memproxy.memory.backend", "postgres needs psycopg, which is not "
+                              "installed", "pip install 'memproxy-llm[postgres]'")
     if settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("memproxy.event_loop", "uvloop is not installed; install it with "
                           "pip install 'memproxy-llm[uvloop]', or set event_loop: asyncio")

@@ -156,9 +156,9 @@ async def memory_status(app: web.Application) -> dict[str, object] | None:
         users = (await list_users(memory.store))[:50]
     except Exception as exc:  # the page must still show, and say why memory is missing
         users = []
-        memory.degraded = memory.degraded or f"cannot read the memory file: {type(exc).__name__}"
+        memory.degraded = memory.degraded or f"cannot read memory: {type(exc).__name__}"
     return {
-        "file": str(getattr(memory.store, "path", "")),
+        "file": memory.place,
         "status": "degraded" if memory.degraded else "ok",
         "detail": memory.degraded,
         "users": users,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from memproxy.config import Settings
+from memproxy.config import OWN_MEMORY_BACKENDS, Settings
 from memproxy.config_checks import resolve_env
 
 #: The memory router's address form: ``/v3/`` then the provider's host (``/v3/api.anthropic.com``).
@@ -49,7 +49,7 @@ def lint(settings: Settings) -> list[str]:
     nothing about how LiteLLM is configured) and memory is not kept by memproxy itself.
     """
     sections = settings.litellm_sections
-    if not sections or settings.memory.backend == "local":
+    if not sections or settings.memory.backend in OWN_MEMORY_BACKENDS:
         # memproxy keeps memory itself: where LiteLLM sends the headers gives no memory.
         return []
     routed, others = _model_routes(sections.get("model_list"))

@@ -110,7 +110,7 @@ def query_terms(query: str, memories: int, count: TermCounter) -> list[str]:
     memories, names and then words common in the user's memories. A filter that would
     leave no word at all is not applied.
     """
-    terms = _words(query)
+    terms = words(query)
     if not terms or memories < SHARES_MIN_MEMORIES:
         return terms
     cap = int(COMMON_SHARE * memories) + 1
@@ -121,7 +121,8 @@ def query_terms(query: str, memories: int, count: TermCounter) -> list[str]:
     return _unless_empty(terms, lambda t: found[t] < cap)
 
 
-def _words(query: str) -> list[str]:
+def words(query: str) -> list[str]:
+    """The words of ``query`` worth searching for, before the per-user filters."""
     words = list(dict.fromkeys(
         w for w in _WORD.findall(query.lower()) if len(w) > 1 and w not in STOPWORDS))
     if len(words) > MAX_QUERY_TERMS:

@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import sqlite3
 import threading
@@ -63,14 +64,20 @@ from typing import Any, NamedTuple, TypeVar
 import structlog
 
 from memproxy.memory import recall as ranking
-from memproxy.memory.store import ROLES, Memory, NewMemory, Recalled, UserSummary, split_text
+from memproxy.memory.store import (
+    ROLES,
+    Memory,
+    NewMemory,
+    Recalled,
+    SeenClient,
+    UserSummary,
+    split_text,
+)
 
 log = structlog.get_logger("memproxy.memory")
 
 #: The layout this code writes; kept in the file as ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
-#: Steps that upgrade a file from layout ``k`` to ``k + 1``, run in order on open.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+SCHEMA_VERSION = 2
 #: How long a write waits for another process's write, in seconds.
 BUSY_TIMEOUT = 10.0
 #: Threads (each with its own connection) that serve reads.
@@ -88,6 +95,33 @@ _SCHEMA = (
     "CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
     "INSERT INTO counters VALUES ('memory_id', 0), ('tables', 0)",
 )
+
+# Layout 2: what every process using the file has seen (``serve --workers N``), for the
+# status page and the unrecognised-client inbox.
+_TEAM_VIEW = (
+    """CREATE TABLE clients(
+        fingerprint TEXT PRIMARY KEY,   -- the identifying headers, as JSON
+        count       INTEGER NOT NULL,
+        first_seen  REAL NOT NULL,
+        last_seen   REAL NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE activity(
+        minute    INTEGER NOT NULL,     -- unix time // 60
+        label     TEXT NOT NULL,
+        succeeded INTEGER NOT NULL,
+        count     INTEGER NOT NULL,
+        PRIMARY KEY (minute, label, succeeded)
+    ) WITHOUT ROWID""",
+)
+
+
+def _to_v2(connection: sqlite3.Connection) -> None:
+    for statement in _TEAM_VIEW:
+        connection.execute(statement)
+
+
+#: Steps that upgrade a file from layout ``k`` to ``k + 1``, run in order on open.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v2}
 
 _USER_SCHEMA = (
     """CREATE TABLE {memory}(
@@ -218,6 +252,18 @@ class SqliteMemoryStore:
     async def size_bytes(self) -> int:
         return await asyncio.to_thread(self._size_bytes)
 
+    async def add_seen_clients(self, seen: Sequence[SeenClient]) -> None:
+        await self._write(partial(_add_seen_clients, seen=seen))
+
+    async def seen_clients(self, limit: int) -> list[SeenClient]:
+        return await self._read(partial(_seen_clients, limit=limit))
+
+    async def add_activity(self, counts: dict[tuple[int, str, bool], int]) -> None:
+        await self._write(partial(_add_activity, counts=counts))
+
+    async def activity(self, since_minute: int) -> dict[tuple[str, bool], int]:
+        return await self._read(partial(_activity, since_minute=since_minute))
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -312,7 +358,7 @@ def _prepare(connection: sqlite3.Connection) -> None:
                 f"the memory file was written by a newer memproxy (layout {version}; this one "
                 f"knows up to {SCHEMA_VERSION})")
         if version == 0:
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *_TEAM_VIEW):
                 connection.execute(statement)
         else:
             for step in range(version, SCHEMA_VERSION):
@@ -653,3 +699,50 @@ def _pinned(connection: sqlite3.Connection, user_id: str, conversation_id: str) 
     row = connection.execute(f"SELECT block FROM {found[0].pins} WHERE conversation_id = ?",
                              (conversation_id,)).fetchone()
     return None if row is None else str(row[0])
+
+
+# -- the team's view ----------------------------------------------------------------------------
+
+#: Minutes of activity kept; the status page shows the last hour.
+ACTIVITY_KEPT_MINUTES = 24 * 60
+
+
+def fingerprint(headers: dict[str, str]) -> str:
+    """A client's identifying headers as one key (JSON of the sorted pairs)."""
+    return json.dumps(sorted(headers.items()), ensure_ascii=False, separators=(",", ":"))
+
+
+def _add_seen_clients(connection: sqlite3.Connection, seen: Sequence[SeenClient]) -> None:
+    with _transaction(connection, write=True):
+        connection.executemany(
+            "INSERT INTO clients VALUES (?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET "
+            "count = count + excluded.count, first_seen = min(first_seen, excluded.first_seen), "
+            "last_seen = max(last_seen, excluded.last_seen)",
+            [(_utf8(fingerprint(c.headers)), c.count, c.first_seen, c.last_seen) for c in seen])
+
+
+def _seen_clients(connection: sqlite3.Connection, limit: int) -> list[SeenClient]:
+    rows = connection.execute(
+        "SELECT fingerprint, count, first_seen, last_seen FROM clients "
+        "ORDER BY count DESC, last_seen DESC LIMIT ?", (limit,))
+    return [SeenClient(dict(json.loads(f)), n, first, last) for f, n, first, last in rows]
+
+
+def _add_activity(connection: sqlite3.Connection,
+                  counts: dict[tuple[int, str, bool], int]) -> None:
+    if not counts:
+        return
+    with _transaction(connection, write=True):
+        connection.executemany(
+            "INSERT INTO activity VALUES (?, ?, ?, ?) ON CONFLICT (minute, label, succeeded) "
+            "DO UPDATE SET count = count + excluded.count",
+            [(minute, _utf8(label), ok, n) for (minute, label, ok), n in counts.items()])
+        connection.execute("DELETE FROM activity WHERE minute < ?",
+                           (max(minute for minute, _, _ in counts) - ACTIVITY_KEPT_MINUTES,))
+
+
+def _activity(connection: sqlite3.Connection, since_minute: int) -> dict[tuple[str, bool], int]:
+    rows = connection.execute(
+        "SELECT label, succeeded, sum(count) FROM activity WHERE minute >= ? "
+        "GROUP BY label, succeeded", (since_minute,))
+    return {(label, bool(ok)): n for label, ok, n in rows}

@@ -32,7 +32,7 @@ from memproxy.config import MemorySettings
 from memproxy.memory import MODES, InvalidMemoryMode
 from memproxy.memory.dialects import AnswerReader, ApiFormat, Conversation, api_format, read_request
 from memproxy.memory.dialects import insert_block as insert_memory_block
-from memproxy.memory.store import MemoryStore, NewMemory
+from memproxy.memory.store import MemoryStore, NewMemory, StoreUnavailable
 from memproxy.routing import MEMORY_MODE_HEADER
 
 log = structlog.get_logger("memproxy.memory")
@@ -41,6 +41,14 @@ log = structlog.get_logger("memproxy.memory")
 RECENT_RECALLS = 20
 #: Writes handed to the store at once.
 WRITE_BATCH = 200
+#: A store that cannot be reached is tried again after this many seconds, then twice as
+#: long each time, up to RETRY_MAX.
+RETRY_FIRST = 0.25
+RETRY_MAX = 5.0
+#: Dropped memories are logged at most once per this many seconds (with their count).
+DROP_LOG_INTERVAL = 10.0
+#: How long a stopping memproxy waits for queued memories to reach the store.
+FLUSH_TIMEOUT = 5.0
 #: How each memory starts in a block (see memproxy.memory.recall), for counting them.
 _SNIPPET = re.compile(r"^\[\d{4}-\d{2}-\d{2}\] ", re.MULTILINE)
 
@@ -109,9 +117,11 @@ class MemoryStage:
     """Recall and capture for every request that gets memory; one per application."""
 
     def __init__(self, settings: MemorySettings, store: MemoryStore,
-                 counters: MemoryCounters) -> None:
+                 counters: MemoryCounters, *, place: str = "") -> None:
+        """``place`` says where memory is kept, for people (never a password)."""
         self.settings = settings
         self.store = store
+        self.place = place
         self.counters = counters
         self._queue: asyncio.Queue[list[NewMemory]] = asyncio.Queue(maxsize=settings.queue)
         self._writer: asyncio.Task[None] | None = None
@@ -121,6 +131,11 @@ class MemoryStage:
         self.recent: deque[tuple[float, str, int, float]] = deque(maxlen=RECENT_RECALLS)
         #: Why memory is not working right now (``None``: it is).
         self.degraded: str | None = None
+        #: Memories dropped since start (a full queue, a store that refused them).
+        self.dropped = 0
+        self._unlogged_drops = 0
+        self._drop_logged = -DROP_LOG_INTERVAL
+        self._in_hand: list[NewMemory] = []
 
     def applies(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
                 unrecognised: bool) -> tuple[ApiFormat, str] | None:
@@ -238,36 +253,75 @@ class MemoryStage:
         try:
             self._queue.put_nowait(memories)
         except asyncio.QueueFull:
-            self.counters.writes(dropped=len(memories))
-            log.warning("memory_write_dropped", memories=len(memories),
-                        reason="the write queue is full (memproxy.memory.queue)")
+            self._dropped(len(memories), "the write queue is full (memproxy.memory.queue)")
             return
         self.counters.writes(queued=len(memories))
+
+    def _dropped(self, count: int, reason: str) -> None:
+        """Count memories that will never be written; log them, once per few seconds."""
+        self.counters.writes(dropped=count)
+        self.dropped += count
+        self._unlogged_drops += count
+        now = time.monotonic()
+        if now - self._drop_logged >= DROP_LOG_INTERVAL:
+            log.warning("memory_write_dropped", memories=self._unlogged_drops,
+                        dropped_total=self.dropped, reason=reason)
+            self._drop_logged = now
+            self._unlogged_drops = 0
 
     async def _write_forever(self) -> None:
         while True:
             batch = await self._queue.get()
             while len(batch) < WRITE_BATCH and not self._queue.empty():
                 batch += self._queue.get_nowait()
+            self._in_hand = batch
+            await self._write(batch)
+            self._in_hand = []
+
+    async def _write(self, batch: list[NewMemory]) -> None:
+        """Hand ``batch`` to the store; while the store cannot be reached, try again.
+
+        Meanwhile the queue holds what comes in, up to ``memory.queue``; more is
+        dropped and counted (:meth:`enqueue`). Any other error drops the batch: trying
+        it again would only fail again and hold up every later write.
+        """
+        delay = RETRY_FIRST
+        while True:
             try:
                 written = await self.store.add(batch)
-            except Exception as exc:
-                self.counters.writes(dropped=len(batch))
-                self._fault("write", exc)
+            except StoreUnavailable as exc:
+                self._fault("write", exc, retrying=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
                 continue
-            self.degraded = None
-            self.counters.writes(written=written)
-            with contextlib.suppress(Exception):  # the size is only a figure for metrics
-                self.counters.stored_bytes(await self.store.size_bytes())
+            except Exception as exc:
+                self._dropped(len(batch), f"the store refused them: {type(exc).__name__}")
+                self._fault("write", exc)
+                return
+            break
+        if self.degraded is not None:
+            log.info("memory_back", queued=self._queue.qsize(),
+                     reason="the store answers again; queued memories are being written")
+        self.degraded = None
+        self.counters.writes(written=written)
+        with contextlib.suppress(Exception):  # the size is only a figure for metrics
+            self.counters.stored_bytes(await self.store.size_bytes())
 
-    def _fault(self, during: str, exc: Exception) -> None:
-        self.degraded = f"{during} failed: {type(exc).__name__}: {exc}"
+    def _fault(self, during: str, exc: Exception, *, retrying: bool = False) -> None:
+        error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        first = self.degraded is None
+        self.degraded = f"{during} failed: {error}"
+        if retrying:
+            self.degraded += f"; {self._queue.qsize() + 1} batches wait to be written"
         self.counters.skipped(f"{during}_failed")
-        log.error("memory_failed", during=during, error=f"{type(exc).__name__}: {exc}")
+        if first or not retrying:  # an outage is logged when it starts, not on every retry
+            log.error("memory_failed", during=during, error=error,
+                      **({"then": "writes wait in the queue and are retried"} if retrying
+                         else {}))
 
     async def flush(self) -> None:
         """Wait until every queued memory and pin has been handed to the store."""
-        while not self._queue.empty():
+        while not self._queue.empty() or self._in_hand:
             await asyncio.sleep(0.01)
         await asyncio.gather(*self._pinning, return_exceptions=True)
 
@@ -279,10 +333,16 @@ class MemoryStage:
             yield
         finally:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flush(), 5)
+                await asyncio.wait_for(self.flush(), FLUSH_TIMEOUT)
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+            unwritten = len(self._in_hand) + sum(
+                len(self._queue.get_nowait()) for _ in range(self._queue.qsize()))
+            if unwritten:
+                self._drop_logged = -DROP_LOG_INTERVAL  # say it, however recent the last one
+                self._dropped(unwritten, f"memproxy stopped while the store was unreachable "
+                                         f"(waited {FLUSH_TIMEOUT:g} s)")
             await self.store.close()
 
 

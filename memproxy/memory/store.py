@@ -78,6 +78,27 @@ class UserSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class SeenClient:
+    """A client no detector recognised: its identifying headers, and how often it came."""
+
+    headers: dict[str, str]
+    count: int
+    first_seen: float
+    last_seen: float
+
+
+class SchemaError(Exception):
+    """The memory database's layout is not the one this memproxy uses."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now (a database server down or failing over).
+
+    Worth trying again later, unlike other errors. The message never holds a secret.
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class Recalled:
     """What a new conversation starts with."""
 
@@ -156,6 +177,26 @@ class MemoryStore(Protocol):
 
     async def size_bytes(self) -> int:
         """The size of the backend's files, for metrics."""
+        ...
+
+    # The team's view: what every process sharing this backend has seen, for the status
+    # page and the unrecognised-client inbox. Processes send what they counted since their
+    # last report; the backend adds it up.
+
+    async def add_seen_clients(self, seen: Sequence[SeenClient]) -> None:
+        """Add these counts of unrecognised clients, keyed by their identifying headers."""
+        ...
+
+    async def seen_clients(self, limit: int) -> list[SeenClient]:
+        """The unrecognised clients every process has seen, most requests first."""
+        ...
+
+    async def add_activity(self, counts: dict[tuple[int, str, bool], int]) -> None:
+        """Add requests per ``(minute, memory space label, succeeded)``; minute = unix // 60."""
+        ...
+
+    async def activity(self, since_minute: int) -> dict[tuple[str, bool], int]:
+        """Requests per ``(label, succeeded)`` since ``since_minute``, from every process."""
         ...
 
     async def close(self) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from tests.helpers import (
     ServeProcess,
     make_settings,
 )
+from tests.postgres_server import HOW_TO_ENABLE, REQUIRED_ENV, PostgresServer, binaries
 
 
 @pytest.fixture
@@ -108,3 +111,30 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
     yield Provider(process, line.split()[1], record)
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test run's own, in a temporary folder.
+
+    Skipped, saying how to enable it, where PostgreSQL or psycopg is missing, unless
+    $MEMPROXY_REQUIRE_POSTGRES is set (CI sets it): then a missing server fails.
+    """
+    bindir = binaries()
+    missing = bindir is None or importlib.util.find_spec("psycopg") is None
+    if missing:
+        if os.environ.get(REQUIRED_ENV):
+            pytest.fail(f"{REQUIRED_ENV} is set, but: {HOW_TO_ENABLE}")
+        pytest.skip(HOW_TO_ENABLE)
+    assert bindir is not None
+    server = PostgresServer(bindir)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: PostgresServer) -> str:
+    """The connection string of a new, empty database on the test run's server."""
+    return postgres_server.dsn(postgres_server.new_database())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import random
 import re
@@ -231,9 +232,18 @@ def memory_file(tmp_path: Path) -> Path:
     return tmp_path / "memory.db"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test runs with each backend, except those about the SQLite file itself."""
+    if "backend" in metafunc.fixturenames:
+        about_the_file = "memory_file" in inspect.signature(metafunc.function).parameters
+        metafunc.parametrize("backend", ["local"] if about_the_file else ["local", "postgres"])
+
+
 @pytest.fixture
-def start(aiohttp_client: Any, upstream: Upstream, memory_file: Path) -> Start:
-    """Start memproxy in front of ``upstream``, keeping memory in ``memory_file``.
+def start(aiohttp_client: Any, upstream: Upstream, memory_file: Path, backend: str,
+          request: pytest.FixtureRequest) -> Start:
+    """Start memproxy in front of ``upstream``, keeping memory in ``memory_file`` (backend
+    local) or in a new PostgreSQL database (backend postgres).
 
     ``memory=False`` leaves the memory section out; ``recall`` and the other keywords go
     into ``memproxy.memory``. The recall budget defaults to a generous 5 s, so that a loaded
@@ -244,7 +254,10 @@ def start(aiohttp_client: Any, upstream: Upstream, memory_file: Path) -> Start:
                     mappings: dict[str, Any] | None = None, **memory_keys: Any) -> Proxy:
         section: dict[str, Any] = {"headers": {"supermemory_api_key": None}}
         if memory:
-            section["memory"] = {"backend": "local", "path": str(memory_file), **memory_keys,
+            store: dict[str, Any] = {"backend": "local", "path": str(memory_file)}
+            if backend == "postgres":
+                store = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")}
+            section["memory"] = {**store, **memory_keys,
                                  "recall": {"timeout_ms": 5000, **(recall or {})}}
         sections: dict[str, Any] = {"memproxy": section}
         if mappings is not None:

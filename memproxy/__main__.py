@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("user")
     delete.add_argument("id", nargs="?", help="the memory's id (none: all of the user's)")
     memory_commands.add_parser(
+        "compact", help="rewrite the store without free space (erased bytes gone from disk)",
+        description="Rewrite the memory store so that no free space is left in it. PostgreSQL "
+                    "keeps an erased row's bytes in its page until new rows overwrite them; "
+                    "this runs VACUUM FULL, which locks the memory tables while it runs (recall "
+                    "is skipped, writes wait). An SQLite file needs it only to shrink.")
+    memory_commands.add_parser(
         "migrate-db", help="create or upgrade the PostgreSQL tables now (memory.migrate: false)",
         description="Create or upgrade memproxy's tables in the database of memproxy.memory.dsn, "
                     "under an advisory lock; safe to run while replicas run.")
@@ -546,6 +552,10 @@ async def _memory_command(args: argparse.Namespace, store: MemoryStore, place: s
         elif args.memory_command == "export":
             for kept in await store.export(parse_user(args.user)):
                 print(json.dumps(memory_json(kept), ensure_ascii=False))
+        elif args.memory_command == "compact":
+            before = await store.size_bytes()
+            await store.compact()
+            print(f"compacted {place}: {before} bytes before, {await store.size_bytes()} after")
         else:
             user_id = parse_user(args.user)
             if args.id is None:
@@ -558,6 +568,10 @@ async def _memory_command(args: argparse.Namespace, store: MemoryStore, place: s
     except BadRequest as exc:
         print(f"memproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:  # a store that cannot be read: say which, and why, briefly
+        print(f"memproxy: cannot use the memory store {place}: {_redacted(exc, store)}",
+              file=sys.stderr)
+        return 1
     finally:
         await store.close()
     return 0

@@ -24,6 +24,7 @@ from memproxy.endpoints import (
     RELOAD,
     STARTED,
     SUPERVISOR,
+    TEAM_VIEW,
     health_handler,
     info_handler,
     metrics_handler,
@@ -46,6 +47,7 @@ from memproxy.supervisor import (
     LiteLLMSupervisor,
     supervised,
 )
+from memproxy.team_view import TeamView
 
 log = structlog.get_logger("memproxy")
 
@@ -82,8 +84,11 @@ def create_app(
     activity = ActivityWindow(metrics.user_ids)
     # The order they run in: the log line first, so it is written even if another fails.
     key_problems = KeyProblems()
-    observers = (RequestLog(), metrics, inbox, activity, key_problems)
     store = memory_store(settings)
+    # With a store every process shares, the page shows what all of them saw.
+    team = TeamView(store, metrics.user_ids) if store is not None else None
+    observers = (RequestLog(), metrics, inbox, activity, key_problems,
+                 *((team,) if team is not None else ()))
     memory = None if store is None else MemoryStage(settings.memory, store, metrics,
                                                     place=where(settings))
     forwarder = Forwarder(settings, chain, observers=observers,
@@ -106,6 +111,8 @@ def create_app(
     app[STARTED] = time.monotonic()
     app[RELOAD] = lambda: reload_config(forwarder, extra_plugins)
     app.cleanup_ctx.append(_client_session(settings))
+    if team is not None:
+        app[TEAM_VIEW] = team
     if memory is not None:
         app[MEMORY] = memory
         app.cleanup_ctx.append(_memory(memory, "the memory file" if settings.memory.backend
@@ -150,7 +157,12 @@ def _memory(memory: MemoryStage,
             memory.degraded = f"cannot open {what}: {type(exc).__name__}: {exc}".rstrip(": ")
             log.error("memory_unavailable", error=memory.degraded)
         async with memory.running():
-            yield
+            team = app.get(TEAM_VIEW)
+            if team is None:
+                yield
+            else:
+                async with team.running():
+                    yield
 
     return memory_ctx
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +26,7 @@ from memproxy.metrics import Metrics
 from memproxy.reload import ReloadResult
 from memproxy.routing import Refusal, client_request
 from memproxy.supervisor import LIVELINESS_PATH, LiteLLMSupervisor
+from memproxy.team_view import TeamView
 from memproxy.workers import WORKER_ENV
 
 HEALTH_TIMEOUT = 2.0
@@ -102,8 +105,25 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return response
 
 
+async def unmatched_clients(app: web.Application, limit: int) -> list[dict[str, Any]]:
+    """The unrecognised clients of every process sharing the store, else of this one."""
+    team = app.get(TEAM_VIEW)
+    if team is not None:
+        with contextlib.suppress(Exception):  # the store is down: this process's own
+            return await team.clients(limit)
+    return app[INBOX].top(limit)
+
+
+async def requests_last_hour(app: web.Application) -> dict[str, dict[str, int]]:
+    """Requests per memory space in the last hour, of every process sharing the store."""
+    team = app.get(TEAM_VIEW)
+    if team is not None:
+        with contextlib.suppress(Exception):
+            return await team.totals()
+    return app[ACTIVITY].totals()
+
+
 async def unmatched_handler(request: web.Request) -> web.Response:
-    inbox = request.app[INBOX]
     text = request.query.get("limit", "50")
     # ASCII digits only: isdigit() alone also accepts '²' and '①', which int() refuses.
     if not (text.isascii() and text.isdigit()):
@@ -113,7 +133,7 @@ async def unmatched_handler(request: web.Request) -> web.Response:
     digits = text.lstrip("0")
     limit = 200 if len(digits) > 3 else min(max(int(digits or "0"), 1), 200)
     return web.json_response({
-        "unmatched": inbox.top(limit) if inbox is not None else [],
+        "unmatched": await unmatched_clients(request.app, limit),
         "how_to_use": "paste suggested_yaml under user_id_mappings.header_patterns, test it "
                       "with 'memproxy explain --rule ...', then reload",
     })
@@ -138,13 +158,24 @@ async def status_json_handler(request: web.Request) -> web.Response:
         default_user_id=forwarder.settings.mappings.default_user_id,
         unidentified=forwarder.policy.unidentified,
         explicit_id_trust=forwarder.policy.trust.trust,
-        requests_last_hour=request.app[ACTIVITY].totals(),
-        unmatched=request.app[INBOX].top(20),
+        requests_last_hour=await requests_last_hour(request.app),
+        unmatched=await unmatched_clients(request.app, 20),
+        shared_view=_shared_view(request.app),
         memory=await memory_status(request.app),
         key_problems=request.app[KEY_PROBLEMS].listed(),
         worker=os.environ.get(WORKER_ENV),
     )
     return web.json_response(state)
+
+
+def _shared_view(app: web.Application) -> str:
+    """Whose requests the page counts: every process sharing the store, or this one."""
+    team = app.get(TEAM_VIEW)
+    if team is None:
+        return "this process only (memproxy keeps no memory store to share)"
+    if team.unavailable is not None:
+        return f"this process only: the memory store is unavailable ({team.unavailable})"
+    return "every memproxy process sharing the memory store"
 
 
 async def memory_status(app: web.Application) -> dict[str, object] | None:
@@ -179,6 +210,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 METRICS = web.AppKey("metrics", Metrics)
 INBOX = web.AppKey("inbox", UnmatchedInbox)
 ACTIVITY = web.AppKey("activity", ActivityWindow)
+TEAM_VIEW = web.AppKey("team_view", TeamView)
 MEMORY = web.AppKey("memory", MemoryStage)
 KEY_PROBLEMS = web.AppKey("key_problems", KeyProblems)
 SUPERVISOR = web.AppKey("supervisor", LiteLLMSupervisor)

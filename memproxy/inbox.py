@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ import yaml
 
 from memproxy.identifiers import check_id
 from memproxy.logs import iso_time
+from memproxy.memory.store import SeenClient
 from memproxy.observers import RequestRecord
 
 IDENTIFYING_HEADERS = ("user-agent", "x-app", "originator", "x-title",
@@ -140,8 +141,7 @@ class UnmatchedInbox:
             self.record(record.headers)
 
     def record(self, headers: Mapping[str, str]) -> None:
-        key = tuple((name, headers[name][:MAX_VALUE_LENGTH])
-                    for name in IDENTIFYING_HEADERS if name in headers)
+        key = fingerprint_of(headers)
         entry = self._entries.get(key)
         if entry is None:
             entry = Entry(dict(key))
@@ -156,16 +156,28 @@ class UnmatchedInbox:
     def top(self, limit: int = 50) -> list[dict[str, Any]]:
         """The most frequent fingerprints, each with its suggested rule."""
         entries = sorted(self._entries.values(), key=lambda e: (-e.count, -e.last_seen))
-        result = []
-        for entry in entries[:limit]:
-            rule = suggest_rule(entry.fingerprint)
-            result.append({
-                "headers": entry.fingerprint,
-                "count": entry.count,
-                "first_seen": iso_time(entry.first_seen),
-                "last_seen": iso_time(entry.last_seen),
-                "suggested_rule": rule,
-                "suggested_yaml": rule_as_yaml(rule) if rule else None,
-            })
-        return result
+        return describe_clients([SeenClient(e.fingerprint, e.count, e.first_seen, e.last_seen)
+                                 for e in entries[:limit]])
+
+
+def fingerprint_of(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The headers that identify a tool, values cut to :data:`MAX_VALUE_LENGTH`."""
+    return tuple((name, headers[name][:MAX_VALUE_LENGTH])
+                 for name in IDENTIFYING_HEADERS if name in headers)
+
+
+def describe_clients(clients: Sequence[SeenClient]) -> list[dict[str, Any]]:
+    """Clients as the inbox lists them, each with its suggested rule."""
+    result = []
+    for client in clients:
+        rule = suggest_rule(client.headers)
+        result.append({
+            "headers": client.headers,
+            "count": client.count,
+            "first_seen": iso_time(client.first_seen),
+            "last_seen": iso_time(client.last_seen),
+            "suggested_rule": rule,
+            "suggested_yaml": rule_as_yaml(rule) if rule else None,
+        })
+    return result
 

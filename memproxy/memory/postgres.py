@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -69,6 +70,9 @@ from memproxy.memory.store import (
 )
 
 log = structlog.get_logger("memproxy.memory")
+# The pool logs every failed connection attempt; memproxy says once that memory is down
+# (memory_failed) and once that it is back (memory_back).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 #: The layout this code writes; kept in ``memproxy_schema``.
 SCHEMA_VERSION = 1
@@ -78,6 +82,11 @@ SCHEMA_LOCK = 0x6D656D70726F7879
 POOL_SIZE = 8
 #: How long a write waits for a connection before it counts as failed, in seconds.
 WRITE_CONNECT_TIMEOUT = 5.0
+#: How long a read (the admin API, the status page) waits for one. Recall has its own,
+#: shorter budget (``memory.recall.timeout_ms``).
+READ_CONNECT_TIMEOUT = 2.0
+#: After a failed connection attempt, calls fail at once for this many seconds.
+FAIL_FAST = 1.0
 #: ``ts_rank``'s weights for the parts D, C, B, A: unused, date, neighbours, own text.
 #: The same proportions as the local backend's BM25 weights (text 1, context 0.5, date 0.5).
 RANK_WEIGHTS = "{0, 0.5, 0.5, 1}"
@@ -175,8 +184,13 @@ class PostgresMemoryStore:
         self._pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
             dsn, min_size=1, max_size=pool_size, open=False, name="memproxy-memory",
             kwargs={"autocommit": True, "connect_timeout": max(1, round(connect_timeout))},
+            timeout=READ_CONNECT_TIMEOUT,
             check=AsyncConnectionPool.check_connection, reconnect_timeout=0,
+            connection_class=_recording_connection(self),
             reconnect_failed=self._reconnect_failed)
+        self._down = False  # no connection could be made, the last time one was tried
+        self._failed_at = 0.0  # when that was (monotonic)
+        self._last_error: str | None = None  # why, as libpq said it
         self._schema_ready = False
         self._schema_lock = asyncio.Lock()
         self._vacuum: asyncio.Task[None] | None = None
@@ -194,7 +208,19 @@ class PostgresMemoryStore:
         return text
 
     def _reconnect_failed(self, pool: AsyncConnectionPool[Any]) -> None:
-        """The pool gave up on one background connection attempt; it tries again when asked."""
+        """The pool gave up connecting: the server is down until a connection works again.
+
+        While it is down, calls fail at once (:meth:`_run`) instead of each waiting for a
+        connection until its timeout; one call per :data:`FAIL_FAST` seconds tries again.
+        """
+        self._down = True
+        self._failed_at = time.monotonic()
+
+    def _unavailable(self, exc: BaseException | None = None) -> StoreUnavailable:
+        why = self._last_error or "no connection could be made"
+        if exc is not None and not isinstance(exc, PoolTimeout):
+            why = f"{type(exc).__name__}: {exc}".strip()
+        return StoreUnavailable(self.redact(f"cannot reach {self.describe()}: {why}"))
 
     async def open(self) -> None:
         """Start the pool, then check or create the schema.
@@ -249,12 +275,24 @@ class PostgresMemoryStore:
                    *, timeout: float | None = None) -> Any:
         """``work`` on a pooled connection; a server that cannot be reached raises
         :class:`StoreUnavailable`, with the password blanked from its message."""
+        if self._down:
+            now = time.monotonic()
+            if now - self._failed_at < FAIL_FAST:
+                raise self._unavailable()
+            self._failed_at = now  # this call tries; the others keep failing fast meanwhile
         try:
             await self.open()
             async with self._pool.connection(timeout=timeout) as connection:
+                self._down = False
+                self._last_error = None
                 return await work(connection)
-        except (psycopg.OperationalError, PoolTimeout, OSError) as exc:
-            raise StoreUnavailable(self.redact(f"{type(exc).__name__}: {exc}".strip())) from None
+        except PoolTimeout:
+            # Every connection busy (the server is fine), or none can be made (it is not).
+            raise self._unavailable() from None
+        except (psycopg.OperationalError, OSError) as exc:
+            self._down = True
+            self._failed_at = time.monotonic()
+            raise self._unavailable(exc) from None
 
     # -- writing -------------------------------------------------------------------------
 
@@ -361,6 +399,20 @@ class PostgresMemoryStore:
                 "VACUUM (INDEX_CLEANUP ON) memproxy_memories, memproxy_pins")
 
         await self._run(work, timeout=WRITE_CONNECT_TIMEOUT)
+
+    async def compact(self) -> None:
+        """``VACUUM FULL``: the memory tables rewritten into new files, the old ones deleted.
+
+        Plain ``VACUUM`` (run after each erasure) frees a deleted row's space for reuse
+        but leaves its bytes in the page until a new row overwrites them; ``VACUUM FULL``
+        writes only the live rows. It locks the tables while it runs: recall is skipped
+        (within its budget) and writes wait, so it is an operator's task.
+        """
+        async def work(connection: AsyncConnection[TupleRow]) -> None:
+            await connection.execute(
+                "VACUUM FULL memproxy_memories, memproxy_pins, memproxy_users")
+
+        await self._run(work)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -490,6 +542,25 @@ class PostgresMemoryStore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._vacuum, 5)
         await self._pool.close()
+
+
+def _recording_connection(store: PostgresMemoryStore) -> type[AsyncConnection[TupleRow]]:
+    """A connection class that keeps why its last connection attempt failed, for messages.
+
+    The pool only says it timed out; libpq's reason ("password authentication failed",
+    "Connection refused") is what an operator needs.
+    """
+
+    class RecordingConnection(AsyncConnection[TupleRow]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().connect(*args, **kwargs)
+            except psycopg.OperationalError as exc:
+                store._last_error = store.redact(" ".join(f"{exc}".split()))
+                raise
+
+    return RecordingConnection
 
 
 # -- schema ---------------------------------------------------------------------------------

@@ -252,6 +252,9 @@ class SqliteMemoryStore:
     async def size_bytes(self) -> int:
         return await asyncio.to_thread(self._size_bytes)
 
+    async def compact(self) -> None:
+        await self._write(_vacuum)
+
     async def add_seen_clients(self, seen: Sequence[SeenClient]) -> None:
         await self._write(partial(_add_seen_clients, seen=seen))
 
@@ -583,6 +586,12 @@ def _rebuild(connection: sqlite3.Connection, user_id: str, old: _Tables) -> None
             _index(connection, new, row, context)
     _drop_tables(connection, old)
     connection.execute("UPDATE users SET tables = ? WHERE user_id = ?", (new.key, user_id))
+
+
+def _vacuum(connection: sqlite3.Connection) -> None:
+    """Rebuild the file without its free pages (erasure needs no VACUUM: see the module)."""
+    connection.execute("VACUUM")
+    _checkpoint(connection)
 
 
 def _delete_user(connection: sqlite3.Connection, user_id: str) -> int:

@@ -179,6 +179,10 @@ class MemoryStore(Protocol):
         """The size of the backend's files, for metrics."""
         ...
 
+    async def compact(self) -> None:
+        """Rewrite the stored files whole, leaving no free space behind (an operator's task)."""
+        ...
+
     # The team's view: what every process sharing this backend has seen, for the status
     # page and the unrecognised-client inbox. Processes send what they counted since their
     # last report; the backend adds it up.

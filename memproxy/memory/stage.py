@@ -44,7 +44,7 @@ WRITE_BATCH = 200
 #: A store that cannot be reached is tried again after this many seconds, then twice as
 #: long each time, up to RETRY_MAX.
 RETRY_FIRST = 0.25
-RETRY_MAX = 5.0
+RETRY_MAX = 2.0
 #: Dropped memories are logged at most once per this many seconds (with their count).
 DROP_LOG_INTERVAL = 10.0
 #: How long a stopping memproxy waits for queued memories to reach the store.
@@ -241,7 +241,7 @@ class MemoryStage:
         except Exception as exc:  # a broken store must not break the request
             self._fault("recall", exc)
             return "", 0
-        self.degraded = None
+        self._recovered()
         seconds = time.perf_counter() - started
         self.counters.recalled(seconds, len(recalled.memories))
         self.recent.append((time.time(), user_id, len(recalled.memories),
@@ -299,25 +299,33 @@ class MemoryStage:
                 self._fault("write", exc)
                 return
             break
-        if self.degraded is not None:
-            log.info("memory_back", queued=self._queue.qsize(),
-                     reason="the store answers again; queued memories are being written")
-        self.degraded = None
+        self._recovered()
         self.counters.writes(written=written)
         with contextlib.suppress(Exception):  # the size is only a figure for metrics
             self.counters.stored_bytes(await self.store.size_bytes())
 
     def _fault(self, during: str, exc: Exception, *, retrying: bool = False) -> None:
         error = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        first = self.degraded is None
+        # A store that cannot be reached is logged when the outage starts, not on each
+        # request while it lasts (memory_back says when it ended); other errors each time.
+        ongoing = self.degraded is not None and isinstance(exc, StoreUnavailable)
         self.degraded = f"{during} failed: {error}"
         if retrying:
             self.degraded += f"; {self._queue.qsize() + 1} batches wait to be written"
         self.counters.skipped(f"{during}_failed")
-        if first or not retrying:  # an outage is logged when it starts, not on every retry
+        if not ongoing:
             log.error("memory_failed", during=during, error=error,
-                      **({"then": "writes wait in the queue and are retried"} if retrying
+                      **({"then": "requests go on without memory; writes wait in the queue "
+                                  "and are retried"} if isinstance(exc, StoreUnavailable)
                          else {}))
+
+    def _recovered(self) -> None:
+        """The store answered: memory works again, if it did not."""
+        if self.degraded is not None:
+            log.info("memory_back", queued=self._queue.qsize(),
+                     reason="the store answers again" + (
+                         "; queued memories are being written" if self._queue.qsize() else ""))
+            self.degraded = None
 
     async def flush(self) -> None:
         """Wait until every queued memory and pin has been handed to the store."""

@@ -185,15 +185,24 @@ class MemoryStage:
         so its later requests carry exactly that.
         """
         first_request = self.settings.recall.when == "first_turn" and parsed.turns == 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.recall.timeout_ms / 1000
         block, count = await self._recall(user_id, conv_id, parsed)
         if first_request:
-            # Not awaited, and outside the recall budget: the writer may be busy (another
-            # process, an erasure), and the request need not wait for it. Until it is
-            # written, the conversation's later requests find it in _unwritten_pins.
+            # The pin is written in a task of its own: the writer may be busy (another
+            # process, an erasure), and the request waits for it only for what is left of
+            # the recall budget. Until it is written, this process's later requests of the
+            # conversation find it in _unwritten_pins; the wait is for the others (other
+            # workers, other replicas), which may get the conversation's next request as
+            # soon as this answer is out.
             self._unwritten_pins[user_id, conv_id] = block
             task = asyncio.create_task(self._pin(user_id, conv_id, block))
             self._pinning.add(task)
             task.add_done_callback(self._pinning.discard)
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), remaining)
         return block, count
 
     async def _pin(self, user_id: str, conv_id: str, block: str) -> None:

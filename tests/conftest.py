@@ -138,3 +138,23 @@ def postgres_server() -> Iterator[PostgresServer]:
 def pg_dsn(postgres_server: PostgresServer) -> str:
     """The connection string of a new, empty database on the test run's server."""
     return postgres_server.dsn(postgres_server.new_database())
+
+
+@pytest.fixture(scope="module")
+def spare_postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
+    """A second server, for the tests that stop and start it (the run's own stays up)."""
+    server = PostgresServer(postgres_server.bindir)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def running_postgres(spare_postgres: PostgresServer) -> Iterator[PostgresServer]:
+    """``spare_postgres``, started if a test left it stopped, and started again afterwards."""
+    if not spare_postgres.running():
+        spare_postgres.start()
+    yield spare_postgres
+    if not spare_postgres.running():
+        spare_postgres.start()

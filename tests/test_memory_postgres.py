@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from memproxy.memory.postgres import PostgresMemoryStore, describe_dsn
 from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.memory.store import NewMemory, SchemaError, StoreUnavailable
 from tests.helpers import make_settings
-from tests.postgres_server import PASSWORD, PostgresServer, binaries
+from tests.postgres_server import PASSWORD, PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_764_000_000.0
@@ -47,28 +47,6 @@ def new(text: str, *, user: str = "alice", conversation: str = "c1", role: str =
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "memproxy", *args], capture_output=True,
                           text=True, timeout=120, cwd=REPO, env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def own_server(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """A second server, for the tests that stop and start it."""
-    bindir = binaries()
-    assert bindir is not None
-    server = PostgresServer(bindir)
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def running(own_server: PostgresServer) -> Iterator[PostgresServer]:
-    """``own_server``, started if a test left it stopped, and started again afterwards."""
-    if not own_server.running():
-        own_server.start()
-    yield own_server
-    if not own_server.running():
-        own_server.start()
 
 
 async def memproxy(aiohttp_client: Any, provider: DemoProvider,
@@ -270,10 +248,10 @@ async def test_the_database_password_never_appears_in_logs_errors_health_or_stat
 # -- faults --------------------------------------------------------------------------------
 
 async def test_a_replica_started_while_the_database_is_down_serves_and_picks_memory_up_later(
-    running: PostgresServer, aiohttp_client: Any, provider: DemoProvider,
+    running_postgres: PostgresServer, aiohttp_client: Any, provider: DemoProvider,
 ) -> None:
-    dsn = running.dsn(running.new_database())
-    running.stop()
+    dsn = running_postgres.dsn(running_postgres.new_database())
+    running_postgres.stop()
     started = time.monotonic()
     client = await memproxy(aiohttp_client, provider, dsn=dsn,
                             recall={"timeout_ms": 300})
@@ -283,7 +261,7 @@ async def test_a_replica_started_while_the_database_is_down_serves_and_picks_mem
     async with client.get("/health") as response:
         health = await response.json()
     assert health["memory"]["status"] == "degraded"
-    running.start()
+    running_postgres.start()
 
     async def remembered() -> bool:
         """the boat is recalled once the server is back"""
@@ -296,9 +274,9 @@ async def test_a_replica_started_while_the_database_is_down_serves_and_picks_mem
 
 
 async def test_writes_wait_while_the_database_is_down_and_land_when_it_is_back(
-    running: PostgresServer, aiohttp_client: Any, provider: DemoProvider,
+    running_postgres: PostgresServer, aiohttp_client: Any, provider: DemoProvider,
 ) -> None:
-    dsn = running.dsn(running.new_database())
+    dsn = running_postgres.dsn(running_postgres.new_database())
     client = await memproxy(aiohttp_client, provider, dsn=dsn, queue=3,
                             recall={"timeout_ms": 300})
     assert (await chat(client, "alice", "warm-up message"))[0] == 200
@@ -312,14 +290,14 @@ async def test_writes_wait_while_the_database_is_down_and_land_when_it_is_back(
         return any(m.text == "warm-up message" for m in await store.export("alice"))
 
     await eventually(warmed_up)
-    running.stop()
+    running_postgres.stop()
     facts = [f"Fact number {i}: my locker is {4000 + i}." for i in range(6)]
     for fact in facts:
         status, _, _ = await chat(client, "alice", fact)
         assert status == 200
     async with client.get("/health") as response:
         assert (await response.json())["memory"]["status"] == "degraded"
-    running.start()
+    running_postgres.start()
 
     async def landed() -> list[str]:
         """the queued facts are written once the server is back"""

@@ -20,7 +20,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from aiohttp.test_utils import unused_port
 from memproxy.demo_provider import DemoProvider, RecordedRequest
 from memproxy.memory.recall import BLOCK_CLOSE, BLOCK_OPEN
 from tests.helpers import ServeProcess
-from tests.postgres_server import REQUIRED_ENV, PostgresServer, binaries
+from tests.postgres_server import REQUIRED_ENV, PostgresServer
 
 USERS = 50
 REPLICAS = 3
@@ -106,20 +106,8 @@ http {{
 
 
 @pytest.fixture
-def team_postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """A server of the test's own: it is stopped and started in the middle of the traffic."""
-    bindir = binaries()
-    assert bindir is not None
-    server = PostgresServer(bindir)
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-async def team(team_postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[Team]:
-    dsn = team_postgres.dsn(team_postgres.new_database())
+async def team(running_postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[Team]:
+    dsn = running_postgres.dsn(running_postgres.new_database())
     async with Provider(chunk_delay=0) as provider:
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({"memproxy": {
@@ -148,7 +136,7 @@ async def team(team_postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[T
             nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf),
                                       "-g", "daemon off;"], stderr=subprocess.DEVNULL)
             await _until_listening(port)
-            yield Team(f"http://127.0.0.1:{port}", replicas, provider, team_postgres, logs)
+            yield Team(f"http://127.0.0.1:{port}", replicas, provider, running_postgres, logs)
         finally:
             if nginx is not None:
                 nginx.terminate()

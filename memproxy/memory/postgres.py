@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -66,6 +65,7 @@ from memproxy.memory.store import (
     SeenClient,
     StoreUnavailable,
     UserSummary,
+    message_digest,
     split_text,
 )
 
@@ -641,7 +641,7 @@ async def _add_for_user(connection: AsyncConnection[TupleRow], user_id: str,
     new: list[tuple[NewMemory, bytes, list[str]]] = []
     seen: set[bytes] = set()
     for memory, parts in mine:
-        digest = _digest(memory)
+        digest = message_digest(memory)
         if digest in seen:
             continue
         seen.add(digest)
@@ -728,15 +728,6 @@ async def _reindex_around(connection: AsyncConnection[TupleRow], user_id: str,
             await update.executemany(_UPDATE_SEARCH, [
                 _search_values(rows[i], context[i], user_id=user_id) for i in touched])
 
-
-def _digest(memory: NewMemory) -> bytes:
-    """What makes a message a duplicate: same conversation, role and text."""
-    digest = hashlib.blake2b(digest_size=16)
-    for field in (memory.conversation_id, memory.role, memory.text):
-        data = field.encode()
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.digest()
 
 
 def _text(text: str) -> str:

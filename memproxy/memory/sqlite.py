@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -71,6 +70,7 @@ from memproxy.memory.store import (
     Recalled,
     SeenClient,
     UserSummary,
+    message_digest,
     split_text,
 )
 
@@ -472,20 +472,11 @@ def _add(connection: sqlite3.Connection, memories: Sequence[NewMemory]) -> int:
     return written
 
 
-def _digest(memory: NewMemory) -> bytes:
-    """What makes a message a duplicate: same conversation, role and text."""
-    digest = hashlib.blake2b(digest_size=16)
-    for field in (memory.conversation_id, memory.role, memory.text):
-        data = field.encode()
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.digest()
-
 
 def _insert(connection: sqlite3.Connection, tables: _Tables, memory: NewMemory,
             parts: Sequence[str]) -> list[_Row]:
     """Store one message as one memory per part; none if it is already stored."""
-    message = _digest(memory)
+    message = message_digest(memory)
     if connection.execute(f"SELECT 1 FROM {tables.memory} WHERE message = ? LIMIT 1",
                           (message,)).fetchone():
         return []

@@ -12,6 +12,7 @@ back the one paragraph of a long answer that matters instead of all of it or not
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -254,3 +255,13 @@ def _pieces(text: str, boundary: re.Pattern[str]) -> list[str]:
         start = match.end()
     pieces.append(text[start:])
     return pieces
+
+
+def message_digest(memory: NewMemory) -> bytes:
+    """What makes a message a duplicate: the same conversation, role and text (16 bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for field in (memory.conversation_id, memory.role, memory.text):
+        data = field.encode()
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.digest()

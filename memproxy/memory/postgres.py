@@ -44,7 +44,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -232,14 +232,30 @@ class PostgresMemoryStore:
         if not self._opened:
             self._opened = True
             await self._pool.open(wait=False)
-        await self._ensure_schema()
+        async with self._reaching():
+            await self._ensure_schema()
+
+    @contextlib.asynccontextmanager
+    async def _reaching(self) -> AsyncIterator[None]:
+        """Turn "cannot reach the server" errors into :class:`StoreUnavailable`, with libpq's
+        reason and without the password."""
+        try:
+            yield
+        except PoolTimeout:
+            # Every connection busy (the server is fine), or none can be made (it is not).
+            raise self._unavailable() from None
+        except (psycopg.OperationalError, OSError) as exc:
+            self._down = True
+            self._failed_at = time.monotonic()
+            raise self._unavailable(exc) from None
 
     async def migrate(self) -> tuple[int, int]:
         """Create or upgrade the schema now; returns the layout before and after."""
         if not self._opened:
             self._opened = True
             await self._pool.open(wait=False)
-        async with self._pool.connection(timeout=WRITE_CONNECT_TIMEOUT) as connection:
+        async with self._reaching(), \
+                self._pool.connection(timeout=WRITE_CONNECT_TIMEOUT) as connection:
             return await _migrate(connection)
 
     async def _ensure_schema(self) -> None:
@@ -280,19 +296,11 @@ class PostgresMemoryStore:
             if now - self._failed_at < FAIL_FAST:
                 raise self._unavailable()
             self._failed_at = now  # this call tries; the others keep failing fast meanwhile
-        try:
-            await self.open()
-            async with self._pool.connection(timeout=timeout) as connection:
-                self._down = False
-                self._last_error = None
-                return await work(connection)
-        except PoolTimeout:
-            # Every connection busy (the server is fine), or none can be made (it is not).
-            raise self._unavailable() from None
-        except (psycopg.OperationalError, OSError) as exc:
-            self._down = True
-            self._failed_at = time.monotonic()
-            raise self._unavailable(exc) from None
+        await self.open()
+        async with self._reaching(), self._pool.connection(timeout=timeout) as connection:
+            self._down = False
+            self._last_error = None
+            return await work(connection)
 
     # -- writing -------------------------------------------------------------------------
 

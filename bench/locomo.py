@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m bench.locomo                         # both budgets, all five conversations
     python -m bench.locomo --budgets 500 --conversations 26,30 --max-minutes 5
+    python -m bench.locomo --backend postgres      # the same with PostgreSQL memory
 
 What it measures, and why. When memproxy keeps memory itself, the first request of a new
 conversation gets one block of the user's earlier messages, at most
@@ -21,9 +22,10 @@ How. Everything runs on 127.0.0.1 through the real request path, as a client wou
 - a fake upstream, standing in for LiteLLM: it answers ``POST /v1/chat/completions`` with the
   answer it was told to give, streamed as ``chat.completion.chunk`` events and ``[DONE]``, and
   keeps every request body it receives, so the block is read where the model would read it;
-- ``python -m memproxy serve`` as a child process, with ``memproxy.memory.backend: local``, a
-  fresh SQLite file for each budget, and one memory user per conversation (the explicit
-  ``x-memory-user-id`` header, which memproxy honours from loopback);
+- ``python -m memproxy serve`` as a child process, with ``memproxy.memory.backend: local``
+  and a fresh SQLite file for each budget (``--backend postgres``: ``backend: postgres`` and
+  a fresh database for each budget, see below), and one memory user per conversation (the
+  explicit ``x-memory-user-id`` header, which memproxy honours from loopback);
 - each LoCoMo session is replayed as one memproxy conversation (``x-sm-conversation-id:
   <conversation>-s<N>``): speaker A's turns are the user's messages, speaker B's the
   answers the fake upstream streams back, every request carrying the full history (a
@@ -57,12 +59,23 @@ bounds); the time from the client sending a question to the upstream receiving i
 memory and, for the same question, with memory off (the difference is what the memory stage
 adds before the request leaves memproxy); and the client's time to the first byte, both ways.
 
+With ``--backend postgres`` each budget's database is created on the server ``--dsn`` names
+(its role must be allowed to create databases) and dropped when the budget is done; without
+``--dsn``, on a throwaway server (``tests/postgres_server.py``) started for the run and stopped
+when it ends. That server runs with ``fsync`` and ``synchronous_commit`` off (printed at the
+start), which flatters write visibility a little and recall not at all. The two backends
+share the choice of words and the packing of the block, and rank differently: the local one
+with FTS5's BM25, PostgreSQL with ``ts_rank`` (no inverse document frequency), so recall
+figures may differ between them.
+
 The data (CC BY-NC 4.0, evaluation only) is read from ``--data`` (by default the
 repository's parent's ``shared/locomo``) and never copied: the results file
-(``bench/results/locomo-latest.json``, not tracked) holds figures and turn ids only. Only
-``speaker_a``, ``speaker_b``, ``session_N``, ``session_N_date_time`` and ``qa`` are read;
-the authors' summaries, observations and event annotations are not. The run stops by itself
-after ``--max-minutes``; memproxy and the fake upstream are stopped on every exit.
+(``bench/results/locomo-latest.json``, ``locomo-postgres-latest.json`` with ``--backend
+postgres``; not tracked) holds figures and turn ids only. Only ``speaker_a``,
+``speaker_b``, ``session_N``, ``session_N_date_time`` and ``qa`` are read; the authors'
+summaries, observations and event annotations are not. The run stops by itself after
+``--max-minutes``; memproxy, the fake upstream and a throwaway PostgreSQL server are
+stopped on every exit.
 """
 
 from __future__ import annotations
@@ -91,12 +104,14 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 import memproxy
-from bench.harness import REPO, ProcessGroup, child_env, free_port, percentile
+from bench.harness import REPO, BenchAborted, ProcessGroup, child_env, free_port, percentile
+from bench.memory_speed import create_database, drop_database, postgres_server, postgres_settings
 from memproxy.memory.recall import BLOCK_OPEN, BLOCK_OUTRO, BYTES_PER_TOKEN
 from memproxy.memory.store import split_text
 
 DEFAULT_DATA = REPO.parent / "shared" / "locomo"
-RESULTS = REPO / "bench" / "results" / "locomo-latest.json"
+RESULTS = {"local": REPO / "bench" / "results" / "locomo-latest.json",
+           "postgres": REPO / "bench" / "results" / "locomo-postgres-latest.json"}
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 #: What the user says when a session opens with speaker B (stopwords only).
 OPENER = "Hi!"
@@ -328,15 +343,20 @@ def _event(key: str, delta: dict[str, str], finish: str | None) -> bytes:
 # -- memproxy -------------------------------------------------------------------------------
 
 class Memproxy:
-    """``python -m memproxy serve`` with local memory at one budget, as a child process."""
+    """``python -m memproxy serve`` with memory at one budget, as a child process.
 
-    def __init__(self, group: ProcessGroup, work: Path, budget: int, upstream_port: int) -> None:
+    ``memory`` is the config's ``memproxy.memory`` section without ``recall``: where the
+    memory is kept.
+    """
+
+    def __init__(self, group: ProcessGroup, work: Path, budget: int, upstream_port: int,
+                 memory: dict[str, Any]) -> None:
         self.group = group
         self.work = work
         self.budget = budget
         self.upstream_port = upstream_port
         self.port = 0
-        self.database = work / f"memory-{budget}.db"
+        self.memory = memory
         self.log_path = work / f"memproxy-{budget}.log"
         self.stderr_path = work / f"memproxy-{budget}.stderr"
         self.process: Any = None
@@ -356,8 +376,7 @@ class Memproxy:
                 "port": self.port,
                 "headers": {"supermemory_api_key": None},
                 "log": {"format": "json", "level": "info"},
-                "memory": {"backend": "local", "path": str(self.database),
-                           "recall": {"max_tokens": self.budget}},
+                "memory": {**self.memory, "recall": {"max_tokens": self.budget}},
             },
         }, sort_keys=False))
         argv = [sys.executable, "-m", "memproxy", "serve", "--config", str(config),
@@ -607,12 +626,13 @@ async def ask(client: Client, conversation: Conversation, question: Question,
 
 
 async def run_budget(budget: int, conversations: Sequence[Conversation], upstream: FakeUpstream,
-                     group: ProcessGroup, work: Path, into: dict[str, Any]) -> None:
-    """Replay and ask at one budget, with a memproxy and a memory file of its own.
+                     group: ProcessGroup, work: Path, memory: dict[str, Any],
+                     into: dict[str, Any]) -> None:
+    """Replay and ask at one budget, with a memproxy and a memory file or database of its own.
 
     ``into`` is filled as the run goes, so an interrupted run still reports what it did.
     """
-    proxy = Memproxy(group, work, budget, upstream.port)
+    proxy = Memproxy(group, work, budget, upstream.port, memory)
     into.update(budget=budget, replay={}, questions=[], phases={})
     started = time.perf_counter()
     try:
@@ -802,17 +822,39 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
     upstream = FakeUpstream()
     work = Path(tempfile.mkdtemp(prefix="memproxy-locomo-"))
     try:
-        await upstream.start()
-        for budget in args.budgets:
-            run: dict[str, Any] = {}
-            results["runs"].append(run)
-            await run_budget(budget, conversations, upstream, group, work, run)
-            run["summary"] = summarise(run, names)
-            print_budget(run, run["summary"], names)
+        with contextlib.ExitStack() as stack:
+            server_dsn = None
+            if args.backend == "postgres":
+                server_dsn = stack.enter_context(postgres_server(args.dsn))
+                results["postgres"] = await postgres_settings(server_dsn)
+                print(results["postgres"], flush=True)
+            await upstream.start()
+            for budget in args.budgets:
+                run: dict[str, Any] = {}
+                results["runs"].append(run)
+                async with memory_section(server_dsn, work, budget) as memory:
+                    await run_budget(budget, conversations, upstream, group, work, memory, run)
+                run["summary"] = summarise(run, names)
+                print_budget(run, run["summary"], names)
     finally:
         group.stop_all()
         await upstream.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def memory_section(server_dsn: str | None, work: Path,
+                         budget: int) -> AsyncIterator[dict[str, Any]]:
+    """Where one budget's memproxy keeps memory: a new SQLite file in ``work``, or (with a
+    PostgreSQL server) a new database, dropped when the budget is done."""
+    if server_dsn is None:
+        yield {"backend": "local", "path": str(work / f"memory-{budget}.db")}
+        return
+    name, dsn = await create_database(server_dsn, f"locomo_{budget}")
+    try:
+        yield {"backend": "postgres", "dsn": dsn}
+    finally:
+        await drop_database(server_dsn, name)
 
 
 @contextlib.asynccontextmanager
@@ -843,9 +885,10 @@ async def bounded(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def write_results(results: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
-    print(f"\nraw figures: {RESULTS.relative_to(REPO)}")
+    path = RESULTS[results["backend"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
+    print(f"\nraw figures: {path.relative_to(REPO)}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -857,9 +900,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="recall budgets in tokens, comma-separated (default 1500,500)")
     parser.add_argument("--conversations", default="",
                         help="conversation files by name, e.g. 26,30 (default: all in --data)")
+    parser.add_argument("--backend", choices=("local", "postgres"), default="local",
+                        help="where memproxy keeps memory: an SQLite file, or a PostgreSQL "
+                             "database (default local)")
+    parser.add_argument("--dsn", default=None,
+                        help="postgres: a server to create each budget's database on (libpq "
+                             "string or postgresql:// URL); default: a throwaway server")
     parser.add_argument("--max-minutes", type=float, default=20,
                         help="the run stops by itself after this long (default 20)")
     args = parser.parse_args(argv)
+    if args.dsn is not None and args.backend != "postgres":
+        parser.error("--dsn goes with --backend postgres")
     try:
         args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
@@ -875,7 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "complete": False, "data": str(args.data), "budgets": args.budgets,
+        "complete": False, "data": str(args.data), "backend": args.backend,
+        "budgets": args.budgets,
         "versions": {"memproxy": memproxy.__version__, "python": platform.python_version(),
                      "aiohttp": aiohttp.__version__},
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
@@ -890,7 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped: {exc}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("stopped by a signal", file=sys.stderr)
-    except ReplayError as exc:
+    except (ReplayError, BenchAborted) as exc:
         print(f"failed: {exc}", file=sys.stderr)
     finally:
         results["duration_s"] = time.time() - started

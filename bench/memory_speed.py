@@ -1,17 +1,28 @@
-"""Speed of the embedded memory store: recall in a big file, writes per second, erasure.
+"""Speed of the memory store: recall among a million memories, writes per second, erasure.
 
 Run from the repository root::
 
-    python -m bench.memory_speed                  # first run builds the file (minutes)
+    python -m bench.memory_speed                  # SQLite; the first run builds the file (minutes)
     python -m bench.memory_speed --rebuild        # build the file again
     python -m bench.memory_speed --users 10 --per-user 2000   # a quick look, small file
+    python -m bench.memory_speed --backend postgres           # a throwaway PostgreSQL server
+    python -m bench.memory_speed --backend postgres --dsn postgresql://me@db/postgres
 
-The file holds ``--users`` users of ``--per-user`` memories each (by default 100 x 10,000:
-1,000,000 rows), written through :meth:`SqliteMemoryStore.add` in conversations of 25
-messages, so it is exactly what memproxy would write. The text is synthetic: common English
-words and a Zipf-distributed vocabulary of 30,000 made-up words, 8 to 45 words a message.
-It is built once into ``--cache`` (by default under /tmp) and reused; every measurement runs
-on a copy, so the cached file stays as built.
+The store holds ``--users`` users of ``--per-user`` memories each (by default 100 x 10,000:
+1,000,000 rows), written through the store's :meth:`add` in conversations of 25 messages,
+so it is exactly what memproxy would write. The text is synthetic: common English words and
+a Zipf-distributed vocabulary of 30,000 made-up words, 8 to 45 words a message.
+
+With ``--backend sqlite`` (the default) the file is built once into ``--cache`` (by default
+under /tmp) and reused; every measurement runs on a copy, so the cached file stays as built.
+With ``--backend postgres`` the rows go into a database of the benchmark's own, built on
+every run (minutes) and dropped at the end: on the server ``--dsn`` names (its role must be
+allowed to create databases), or else on a throwaway server (``tests/postgres_server.py``)
+started for the run and stopped when it ends, also on Ctrl-C, SIGTERM or the time limit.
+That server runs with ``fsync``, ``synchronous_commit`` and ``full_page_writes`` off, so
+its write figures are optimistic: a commit does not wait for the disk. The server's settings
+are printed with the figures. After building, ``VACUUM ANALYZE`` leaves the table as
+autovacuum would on a server that has been running.
 
 Measured, for one user with ``--per-user`` memories:
 
@@ -20,11 +31,13 @@ Measured, for one user with ``--per-user`` memories:
 - the same while another task writes memories at the same time;
 - sustained writes: one memory per :meth:`add` call (one transaction each), and batches of
   200 (what the request path's writer hands over under load);
-- erasing one memory (the user's tables are rebuilt) and erasing the whole user;
-- the first recall of a freshly opened store, and the file's size;
-- in a separate file with ``--many-users`` users of one memory each: the first recall of a
-  freshly opened store, and the first recall after a new user appeared (each user's tables
-  are in the schema, which every connection reads again when it changes).
+- erasing one memory (SQLite rebuilds the user's tables; PostgreSQL deletes the row and
+  rewrites its neighbours' context, then vacuums in the background) and the whole user;
+- the first recall of a freshly opened store, and the size on disk;
+- SQLite only, in a separate file with ``--many-users`` users of one memory each: the first
+  recall of a freshly opened store, and the first recall after a new user appeared (each
+  user's tables are in the schema, which every connection reads again when it changes).
+  PostgreSQL keeps every user in one table, so it has no such cost.
 
 The run stops by itself after ``--max-minutes`` (building included).
 """
@@ -33,27 +46,64 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
+import os
 import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.harness import BenchAborted, percentile, time_limit
 from memproxy.memory.recall import STOPWORDS
 from memproxy.memory.sqlite import SqliteMemoryStore
-from memproxy.memory.store import NewMemory
+from memproxy.memory.store import MemoryStore, NewMemory
+
+if TYPE_CHECKING:
+    from psycopg.abc import Query
 
 SESSION = 25            # messages per conversation
 BATCH = 20 * SESSION    # messages per add() while building
 START = 1_672_531_200.0  # 2023-01-01, UTC
-TARGET_P95_MS = 20.0
 TARGET_WRITES = 500.0
 COMMON = [*sorted(w for w in STOPWORDS if len(w) > 1 and "'" not in w)[:150],
           "day", "time", "love", "work", "great", "family", "friends", "fun", "new", "feel",
           "happy", "kids", "trip", "book", "music"]
+#: PostgreSQL settings that decide what a write costs, printed with the figures.
+POSTGRES_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers")
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """What differs between the stores the benchmark measures."""
+
+    name: str
+    target_p95_ms: float
+    open: Callable[[], MemoryStore]
+    #: What a store holds, for the first recall's line.
+    holds: str
+    #: What erasing one memory does, in words.
+    erasure: str
+    #: What the size covers.
+    size: str
+
+
+def sqlite_backend(path: Path) -> Backend:
+    return Backend("SQLite", 20.0, lambda: SqliteMemoryStore(path),
+                   "users' tables in the schema", "the user's tables rebuilt", "file")
+
+
+def postgres_backend(dsn: str) -> Backend:
+    from memproxy.memory.postgres import PostgresMemoryStore
+
+    return Backend("PostgreSQL", 30.0, lambda: PostgresMemoryStore(dsn),
+                   "users in one table; a new connection pool",
+                   "the row deleted, its neighbours' context rewritten; VACUUM follows in "
+                   "the background", "tables and indexes")
 
 
 class Text:
@@ -90,25 +140,30 @@ def users(count: int) -> list[str]:
     return [f"user{u}" for u in range(count)]
 
 
-# -- building the file ------------------------------------------------------------------------
+# -- building the store -----------------------------------------------------------------------
+
+async def fill(store: MemoryStore, n_users: int, per_user: int, deadline: float) -> None:
+    """Write every user's memories through the store, in batches of :data:`BATCH`."""
+    text = Text(seed=7)
+    started = time.monotonic()
+    for number, user in enumerate(users(n_users), start=1):
+        for batch in batches(text, user, per_user):
+            if time.monotonic() > deadline:
+                raise BenchAborted("the time limit passed while building the store")
+            await store.add(batch)
+        if number % 10 == 0 or number == n_users:
+            elapsed = time.monotonic() - started
+            print(f"  built {number}/{n_users} users ({number * per_user:,} memories) in "
+                  f"{elapsed:.0f} s ({number * per_user / elapsed:,.0f} memories/s)", flush=True)
+
 
 async def build(path: Path, n_users: int, per_user: int, deadline: float) -> None:
     """Write the file through the store, into a temporary name renamed when complete."""
     partial_path = path.with_name(path.name + ".building")
     remove(partial_path)
-    text = Text(seed=7)
     store = SqliteMemoryStore(partial_path)
-    started = time.monotonic()
     try:
-        for number, user in enumerate(users(n_users), start=1):
-            for batch in batches(text, user, per_user):
-                if time.monotonic() > deadline:
-                    raise BenchAborted("the time limit passed while building the file")
-                await store.add(batch)
-            if number % 10 == 0 or number == n_users:
-                elapsed = time.monotonic() - started
-                print(f"  built {number}/{n_users} users ({number * per_user:,} memories) in "
-                      f"{elapsed:.0f} s", flush=True)
+        await fill(store, n_users, per_user, deadline)
     finally:
         await store.close()
     partial_path.rename(path)
@@ -130,6 +185,83 @@ def remove(path: Path) -> None:
         path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
+# -- PostgreSQL: the server, and databases of the benchmark's own ------------------------------
+
+@contextlib.contextmanager
+def postgres_server(dsn: str | None) -> Iterator[str]:
+    """A connection string to create databases with: ``dsn``, or a throwaway server's.
+
+    The throwaway server (``tests/postgres_server.py``: initdb and pg_ctl on a temporary
+    folder) is stopped and its folder deleted when the block ends, however it ends.
+    """
+    if dsn is not None:
+        yield dsn
+        return
+    from tests.postgres_server import PostgresServer, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        raise BenchAborted("no PostgreSQL programs (initdb, pg_ctl) found: apt-get install "
+                           "postgresql, or name a server with --dsn")
+    print(f"starting a throwaway PostgreSQL server ({bindir}); it is stopped at the end",
+          flush=True)
+    server = PostgresServer(bindir)
+    try:
+        yield server.dsn("postgres")
+    finally:
+        server.close()
+        print("throwaway PostgreSQL server stopped", flush=True)
+
+
+async def postgres_execute(dsn: str, *statements: Query) -> tuple[object, ...] | None:
+    """Run the statements outside a transaction; the first row of the last one, if any."""
+    import psycopg
+
+    row: tuple[object, ...] | None = None
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        for statement in statements:
+            cursor = await connection.execute(statement)
+            row = await cursor.fetchone() if cursor.description else None
+    return row
+
+
+async def create_database(dsn: str, purpose: str) -> tuple[str, str]:
+    """A new, empty database on the server ``dsn`` names: (its name, its connection string)."""
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"memproxy_bench_{purpose}_{os.getpid()}"
+    await postgres_execute(
+        dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name, make_conninfo(dsn, dbname=name)
+
+
+async def drop_database(dsn: str, name: str) -> None:
+    from psycopg import sql
+
+    await postgres_execute(
+        dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+async def postgres_settings(dsn: str) -> str:
+    """The server's version and the settings that decide what a write costs, in words,
+    with a warning when commits do not wait for the disk."""
+    row = await postgres_execute(dsn, "SELECT current_setting('server_version'), "
+                                      "current_setting('fsync'), "
+                                      "current_setting('synchronous_commit'), "
+                                      "current_setting('full_page_writes'), "
+                                      "current_setting('shared_buffers')")
+    assert row is not None
+    version, *values = (str(value) for value in row)
+    settings = dict(zip(POSTGRES_SETTINGS, values, strict=True))
+    said = f"PostgreSQL {version}: " + ", ".join(f"{k} {v}" for k, v in settings.items())
+    if settings["fsync"] == "off" or settings["synchronous_commit"] == "off":
+        said += ("\nNOTE: commits do not wait for the disk (fsync or synchronous_commit off, "
+                 "as on the throwaway test server): write figures are optimistic")
+    return said
+
+
 # -- measuring ----------------------------------------------------------------------------------
 
 def questions(rng: random.Random, texts: list[str], count: int) -> list[tuple[str, str]]:
@@ -144,7 +276,7 @@ def questions(rng: random.Random, texts: list[str], count: int) -> list[tuple[st
     return asked
 
 
-async def time_recalls(store: SqliteMemoryStore, user: str, asked: list[tuple[str, str]],
+async def time_recalls(store: MemoryStore, user: str, asked: list[tuple[str, str]],
                        budget: int) -> tuple[list[float], float]:
     """Each recall's time in ms, and the share of blocks holding the memory asked about."""
     took, found = [], 0
@@ -165,7 +297,7 @@ def latency(label: str, took: list[float], found: float) -> float:
     return p95
 
 
-async def time_writes(store: SqliteMemoryStore, text: Text, user: str, count: int,
+async def time_writes(store: MemoryStore, text: Text, user: str, count: int,
                       per_call: int) -> float:
     memories = [m for day in range(count // SESSION + 1)
                 for m in text.conversation(user, f"written-{per_call}-{day}", 900 + day)][:count]
@@ -175,8 +307,7 @@ async def time_writes(store: SqliteMemoryStore, text: Text, user: str, count: in
     return count / (time.perf_counter() - started)
 
 
-async def write_while(store: SqliteMemoryStore, text: Text, user: str,
-                      stop: asyncio.Event) -> int:
+async def write_while(store: MemoryStore, text: Text, user: str, stop: asyncio.Event) -> int:
     written = 0
     day = 2000
     while not stop.is_set():
@@ -186,18 +317,18 @@ async def write_while(store: SqliteMemoryStore, text: Text, user: str,
     return written
 
 
-async def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
+async def measure(backend: Backend, args: argparse.Namespace) -> dict[str, float]:
     rng = random.Random(11)
     text = Text(seed=99)
     big = f"user{min(42, args.users - 1)}"
     figures: dict[str, float] = {}
 
     started = time.perf_counter()
-    store = SqliteMemoryStore(path)
+    store = backend.open()
     await store.recall(big, "what about the trip", max_tokens=1500, exclude_conversation=None)
     figures["first_recall_ms"] = (time.perf_counter() - started) * 1000
     print(f"open and first recall: {figures['first_recall_ms']:.0f} ms "
-          f"({args.users} users' tables in the schema)", flush=True)
+          f"({args.users} {backend.holds})", flush=True)
     try:
         texts = [m.text for m in await store.export(big)]
         asked = questions(rng, texts, args.queries)
@@ -229,11 +360,11 @@ async def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
             await store.delete(big, memory_id)
             took.append((time.perf_counter() - begun) * 1000)
         figures["delete_ms"] = percentile(took, 50)
-        print(f"delete one memory of {held:,} (the user's tables rebuilt): "
+        print(f"delete one memory of {held:,} ({backend.erasure}): "
               f"{figures['delete_ms']:.0f} ms (median of {len(took)})", flush=True)
 
         figures["size_mb"] = await store.size_bytes() / 1e6
-        print(f"file: {figures['size_mb']:,.0f} MB", flush=True)
+        print(f"{backend.size}: {figures['size_mb']:,.0f} MB", flush=True)
 
         victim = next(user for user in users(args.users) if user != big)
         begun = time.perf_counter()
@@ -270,16 +401,17 @@ async def many_users(folder: Path, count: int) -> None:
           f"recall after a new user {after:.0f} ms, file {size:.0f} MB", flush=True)
 
 
-def verdict(figures: dict[str, float]) -> None:
+def verdict(backend: Backend, figures: dict[str, float]) -> None:
     p95 = figures["recall_p95_ms_1500"]
     writes = figures["writes_per_s_1"]
-    print(f"\nrecall p95 {p95:.1f} ms (target at most {TARGET_P95_MS:.0f} ms): "
-          f"{'met' if p95 <= TARGET_P95_MS else 'MISSED'}")
+    target = backend.target_p95_ms
+    print(f"\n{backend.name}: recall p95 {p95:.1f} ms (target at most {target:.0f} ms): "
+          f"{'met' if p95 <= target else 'MISSED'}")
     print(f"writes {writes:,.0f}/s one per call (target at least {TARGET_WRITES:.0f}/s): "
           f"{'met' if writes >= TARGET_WRITES else 'MISSED'}")
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run_sqlite(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.max_minutes * 60
     cache = args.cache or Path(f"/tmp/memproxy-bench/memory-{args.users}x{args.per_user}.db")
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -292,34 +424,76 @@ async def run(args: argparse.Namespace) -> None:
     work = cache.with_name(cache.stem + "-work.db")
     remove(work)
     shutil.copyfile(cache, work)
+    backend = sqlite_backend(work)
     try:
-        figures = await measure(work, args)
+        figures = await measure(backend, args)
     finally:
         remove(work)
     if args.many_users:
         await many_users(cache.parent, args.many_users)
-    verdict(figures)
+    verdict(backend, figures)
+
+
+async def run_postgres(args: argparse.Namespace, server_dsn: str) -> None:
+    deadline = time.monotonic() + args.max_minutes * 60
+    print(await postgres_settings(server_dsn), flush=True)
+    name, dsn = await create_database(server_dsn, "speed")
+    try:
+        backend = postgres_backend(dsn)
+        store = backend.open()
+        print(f"building database {name} ({args.users * args.per_user:,} memories; it is "
+              "dropped at the end)", flush=True)
+        started = time.monotonic()
+        try:
+            await fill(store, args.users, args.per_user, deadline)
+        finally:
+            await store.close()
+        built = time.monotonic() - started
+        begun = time.monotonic()
+        await postgres_execute(dsn, "VACUUM ANALYZE")
+        print(f"built in {built:.0f} s ({args.users * args.per_user / built:,.0f} memories/s);"
+              f" VACUUM ANALYZE {time.monotonic() - begun:.0f} s", flush=True)
+        figures = await measure(backend, args)
+    finally:
+        await drop_database(server_dsn, name)
+    if args.many_users:
+        print("many users: skipped for PostgreSQL (every user is in one table)")
+    verdict(backend, figures)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory_speed",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the store to measure (default sqlite)")
+    parser.add_argument("--dsn", default=None,
+                        help="postgres: a server to create the benchmark's database on (libpq "
+                             "string or postgresql:// URL); default: a throwaway server")
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--per-user", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--writes", type=int, default=3000)
     parser.add_argument("--cache", type=Path, default=None,
-                        help="the built file (default /tmp/memproxy-bench/memory-UxN.db)")
-    parser.add_argument("--rebuild", action="store_true", help="build the file again")
+                        help="sqlite: the built file (default /tmp/memproxy-bench/memory-UxN.db)")
+    parser.add_argument("--rebuild", action="store_true", help="sqlite: build the file again")
     parser.add_argument("--many-users", type=int, default=1000,
-                        help="users in the schema-size measurement (0: skip it)")
+                        help="sqlite: users in the schema-size measurement (0: skip it)")
     parser.add_argument("--max-minutes", type=float, default=30)
     args = parser.parse_args(argv)
+    if args.dsn is not None and args.backend != "postgres":
+        parser.error("--dsn goes with --backend postgres")
     try:
         with time_limit(args.max_minutes):
-            asyncio.run(run(args))
+            if args.backend == "sqlite":
+                asyncio.run(run_sqlite(args))
+            else:
+                with postgres_server(args.dsn) as server_dsn:
+                    asyncio.run(run_postgres(args, server_dsn))
     except BenchAborted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C", file=sys.stderr)
         return 1
     return 0
 

@@ -85,6 +85,8 @@ WRITE_CONNECT_TIMEOUT = 5.0
 #: How long a read (the admin API, the status page) waits for one. Recall has its own,
 #: shorter budget (``memory.recall.timeout_ms``).
 READ_CONNECT_TIMEOUT = 2.0
+#: Memories a recall scores at most, as far as the query's rarest word allows (:func:`_rarest`).
+MAX_SCORED = 1500
 #: After a failed connection attempt, calls fail at once for this many seconds.
 FAIL_FAST = 1.0
 #: ``ts_rank``'s weights for the parts D, C, B, A: unused, date, neighbours, own text.
@@ -103,9 +105,11 @@ _SEARCH = ("setweight(to_tsvector('english', %(text)s), 'A') || "
 # The query: any of the words, in the English configuration (stemmed, as the local
 # backend's porter tokenizer stems) or, for the date part, as written.
 _QUERY = "(to_tsquery('english', %(english)s) || to_tsquery('simple', %(simple)s))"
+# The memories scored: those that match the query's rarer words (see _rarest).
+_POOL = "(to_tsquery('english', %(pool_english)s) || to_tsquery('simple', %(pool_simple)s))"
 
 
-def _create_v1(search_index: str) -> tuple[str, ...]:
+def _create_v1(search_indexes: Sequence[str]) -> tuple[str, ...]:
     return (
         "CREATE SEQUENCE memproxy_memory_id",
         """CREATE TABLE memproxy_memories(
@@ -120,14 +124,15 @@ def _create_v1(search_index: str) -> tuple[str, ...]:
             model           text NOT NULL,
             message         bytea NOT NULL,    -- digest of conversation, role and message text
             context         text NOT NULL,     -- the neighbours' text, for the search vector
-            search          tsvector NOT NULL
+            search          tsvector NOT NULL, -- text (A), neighbours (B), date (C): ranking
+            words           tsvector NOT NULL  -- the text alone: how common a word is
         )""",
         "ALTER SEQUENCE memproxy_memory_id OWNED BY memproxy_memories.id",
         "CREATE INDEX memproxy_memories_conversation "
         "ON memproxy_memories(user_id, conversation_id, id)",
         "CREATE INDEX memproxy_memories_time ON memproxy_memories(user_id, created_at, id)",
         "CREATE INDEX memproxy_memories_message ON memproxy_memories(user_id, message)",
-        search_index,
+        *search_indexes,
         """CREATE TABLE memproxy_users(
             user_id    text PRIMARY KEY,
             memories   bigint NOT NULL DEFAULT 0,
@@ -155,9 +160,14 @@ def _create_v1(search_index: str) -> tuple[str, ...]:
     )
 
 
-_PER_USER_INDEX = ("CREATE INDEX memproxy_memories_search "
-                   "ON memproxy_memories USING gin(user_id, search)")
-_PLAIN_INDEX = "CREATE INDEX memproxy_memories_search ON memproxy_memories USING gin(search)"
+_PER_USER_INDEXES = (
+    "CREATE INDEX memproxy_memories_search ON memproxy_memories USING gin(user_id, search)",
+    "CREATE INDEX memproxy_memories_words ON memproxy_memories USING gin(user_id, words)",
+)
+_PLAIN_INDEXES = (
+    "CREATE INDEX memproxy_memories_search ON memproxy_memories USING gin(search)",
+    "CREATE INDEX memproxy_memories_words ON memproxy_memories USING gin(words)",
+)
 
 
 def describe_dsn(dsn: str) -> str:
@@ -602,7 +612,7 @@ async def _migrate(connection: AsyncConnection[TupleRow]) -> tuple[int, int]:
 
 
 async def _to_v1(connection: AsyncConnection[TupleRow]) -> None:
-    search_index = _PER_USER_INDEX
+    search_indexes = _PER_USER_INDEXES
     try:
         async with connection.transaction():  # a savepoint: a refusal leaves the rest intact
             await connection.execute("CREATE EXTENSION IF NOT EXISTS btree_gin")
@@ -610,8 +620,8 @@ async def _to_v1(connection: AsyncConnection[TupleRow]) -> None:
         log.warning("memory_btree_gin_missing", error=f"{exc}".strip(),
                     fix="CREATE EXTENSION btree_gin as a superuser, then restart memproxy "
                         "after dropping index memproxy_memories_search")
-        search_index = _PLAIN_INDEX
-    for statement in _create_v1(search_index):
+        search_indexes = _PLAIN_INDEXES
+    for statement in _create_v1(search_indexes):
         await connection.execute(statement)
 
 
@@ -693,10 +703,10 @@ async def _add_for_user(connection: AsyncConnection[TupleRow], user_id: str,
             inserts.append(values)
     async with connection.cursor() as cursor:
         await cursor.executemany(
-            f"INSERT INTO memproxy_memories({_MEMORY_COLUMNS}, user_id, message, context, search)"
-            " VALUES (%(id)s, %(conversation_id)s, %(role)s, %(text)s, %(created_at)s, "
+            f"INSERT INTO memproxy_memories({_MEMORY_COLUMNS}, user_id, message, context, search, "
+            "words) VALUES (%(id)s, %(conversation_id)s, %(role)s, %(text)s, %(created_at)s, "
             "%(client)s, %(user_agent)s, %(model)s, %(user_id)s, %(message)s, %(context)s, "
-            f"{_SEARCH})", inserts)
+            f"{_SEARCH}, to_tsvector('english', %(text)s))", inserts)
         if updates:
             await cursor.executemany(_UPDATE_SEARCH, updates)
     await connection.execute(
@@ -767,13 +777,19 @@ async def _match(connection: AsyncConnection[TupleRow], user_id: str, query: str
         return []
     terms = ranking.words(query)
     if terms and memories >= ranking.SHARES_MIN_MEMORIES:
-        counts = await _term_counts(connection, user_id, terms,
-                                    int(ranking.COMMON_SHARE * memories) + 1)
+        # A user with fewer memories than MAX_SCORED has every match scored: no need to
+        # count how many each word matches.
+        own, matching = await _term_counts(connection, user_id, terms,
+                                           int(ranking.COMMON_SHARE * memories) + 1,
+                                           matching=memories > MAX_SCORED)
         # query_terms asks one word at a time; the counts were taken in one round trip.
-        terms = ranking.query_terms(query, memories, lambda term, cap: counts.get(term, 0))
+        terms = ranking.query_terms(query, memories, lambda term, cap: own.get(term, 0))
+        pool = _rarest(terms, matching) if matching else terms
+    else:
+        pool = terms
     if not terms:
         return []
-    conditions = ["user_id = %(user_id)s", f"search @@ {_QUERY}"]
+    conditions = ["user_id = %(user_id)s", f"search @@ {_POOL}"]
     if exclude is not None:
         conditions.append("conversation_id <> %(exclude)s")
     if now is not None:
@@ -783,7 +799,9 @@ async def _match(connection: AsyncConnection[TupleRow], user_id: str, query: str
         f"FROM memproxy_memories WHERE {' AND '.join(conditions)} "
         "ORDER BY score DESC, id LIMIT %(limit)s",
         {"user_id": user_id, "english": " | ".join(terms),
-         "simple": " | ".join(f"{term}:C" for term in terms), "exclude": exclude,
+         "simple": " | ".join(f"{term}:C" for term in terms),
+         "pool_english": " | ".join(pool),
+         "pool_simple": " | ".join(f"{term}:C" for term in pool), "exclude": exclude,
          "now": now, "weights": RANK_WEIGHTS, "norm": RANK_NORMALISATION, "limit": limit})
     return [(_memory(user_id, row[:-1]), float(row[-1])) for row in await cursor.fetchall()]
 
@@ -796,14 +814,52 @@ async def _memory_count(connection: AsyncConnection[TupleRow], user_id: str) -> 
 
 
 async def _term_counts(connection: AsyncConnection[TupleRow], user_id: str,
-                       terms: Sequence[str], cap: int) -> dict[str, int]:
-    """How many of the user's memories have each term in their own text, up to ``cap``."""
+                       terms: Sequence[str], cap: int, *,
+                       matching: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """For each term, how many of the user's memories have it in their own text (up to
+    ``cap``), and, if ``matching``, how many a search for it matches in any part (up to
+    :data:`MAX_SCORED`; else none are counted).
+
+    Both come from the GIN indexes alone: a lexeme without a weight needs no recheck, and
+    a vacuumed table answers a count without reading its rows. (The second counts a word's
+    unstemmed form in every part, not only the date: a count of a little more than the
+    search will match.)
+    """
+    anywhere = ("(SELECT count(*) FROM (SELECT 1 FROM memproxy_memories m "
+                "WHERE m.user_id = %(user)s AND m.search @@ (to_tsquery('english', t.term) "
+                "|| to_tsquery('simple', t.term)) LIMIT %(most)s) matching)") if matching else "0"
     cursor = await connection.execute(
-        "SELECT t.term, (SELECT count(*) FROM (SELECT 1 FROM memproxy_memories m "
-        "  WHERE m.user_id = %s AND m.search @@ to_tsquery('english', t.term || ':A') "
-        "  LIMIT %s) found) FROM unnest(%s::text[]) AS t(term)",
-        (user_id, cap, list(terms)))
-    return {term: int(n) for term, n in await cursor.fetchall()}
+        "SELECT t.term, "
+        "(SELECT count(*) FROM (SELECT 1 FROM memproxy_memories m WHERE m.user_id = %(user)s "
+        f"  AND m.words @@ to_tsquery('english', t.term) LIMIT %(cap)s) own), {anywhere} "
+        "FROM unnest(%(terms)s::text[]) AS t(term)",
+        {"user": user_id, "cap": cap, "most": MAX_SCORED + 1, "terms": list(terms)})
+    own: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for term, in_text, found in await cursor.fetchall():
+        own[term] = int(in_text)
+        if matching:
+            counts[term] = int(found)
+    return own, counts
+
+
+def _rarest(terms: Sequence[str], matching: dict[str, int]) -> list[str]:
+    """The terms whose matches together stay within :data:`MAX_SCORED`, rarest first kept.
+
+    ``ts_rank`` scores every memory it is given, at a few microseconds each, so a user with
+    many memories and a question of common words would spend longer than the recall budget
+    scoring memories that match nothing but those words. Only memories that match one of
+    the rarer words are scored (with every word of the query): the words BM25 would weigh
+    most. The rarest word always stays. Order in the query is kept.
+    """
+    kept: set[str] = set()
+    total = 0
+    for term in sorted(terms, key=lambda t: matching.get(t, 0)):
+        total += matching.get(term, 0)
+        if kept and total > MAX_SCORED:
+            break
+        kept.add(term)
+    return [term for term in terms if term in kept]
 
 
 def _memory(user_id: str, row: Sequence[Any]) -> Memory:

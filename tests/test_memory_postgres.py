@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient
 from memproxy.app import create_app
 from memproxy.demo_provider import DemoProvider
 from memproxy.endpoints import MEMORY
+from memproxy.memory import postgres as postgres_backend
 from memproxy.memory.postgres import PostgresMemoryStore, describe_dsn
 from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.memory.store import NewMemory, SchemaError, StoreUnavailable
@@ -143,6 +144,32 @@ async def test_a_database_of_a_newer_memproxy_is_refused(
             await newer.open()
     finally:
         await newer.close()
+
+
+# -- recall for users with many memories -----------------------------------------------
+
+async def test_with_many_memories_the_rarest_words_decide_what_is_scored(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Scoring is bounded (MAX_SCORED memories): made small here, so that 300 memories of
+    # common words are more than it, and the one memory with a rare word must still win.
+    monkeypatch.setattr(postgres_backend, "MAX_SCORED", 40)
+    store = PostgresMemoryStore(pg_dsn)
+    try:
+        # Each of these words is in a sixth of the memories: common, but not so common that
+        # the query leaves it out (ranking.COMMON_SHARE).
+        common = ["kitchen", "window", "garden", "ladder", "violin", "pepper"]
+        await store.add([new(f"A note about the {common[i % 6]}, number {i}.",
+                             conversation=f"c{i}") for i in range(300)])
+        await store.add([new("The quokkavale orchard blooms in spring.", conversation="rare")])
+        question = "What about the kitchen, the window, the garden and the quokkavale?"
+        recalled = await store.recall("alice", question, max_tokens=300,
+                                      exclude_conversation=None)
+        assert "The quokkavale orchard blooms in spring." in [m.text for m in recalled.memories]
+        matching = await store.search("alice", question, limit=5)
+        assert "quokkavale" in matching[0].text
+    finally:
+        await store.close()
 
 
 # -- erasure -------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ Why it is built this way:
   of words, the packing and the block are :mod:`memproxy.memory.recall`'s, shared with
   the local backend. ``ts_rank`` has no inverse document frequency, so its order differs
   from BM25's; ``python -m bench.locomo --backend postgres`` measures what that costs.
+  ``ts_rank`` reads every memory it scores, so for a user with many memories only those
+  that match the query's rarer words are scored (:func:`_rarest`); how common a word is
+  comes from a second vector of each memory's own text, counted from its index alone.
   The search index is a GIN index over ``(user_id, search)`` when the ``btree_gin``
   extension can be created (it ships with PostgreSQL and is trusted), else over
   ``search`` alone; start-up logs which.
@@ -86,7 +89,7 @@ WRITE_CONNECT_TIMEOUT = 5.0
 #: shorter budget (``memory.recall.timeout_ms``).
 READ_CONNECT_TIMEOUT = 2.0
 #: Memories a recall scores at most, as far as the query's rarest word allows (:func:`_rarest`).
-MAX_SCORED = 1500
+MAX_SCORED = 1000
 #: After a failed connection attempt, calls fail at once for this many seconds.
 FAIL_FAST = 1.0
 #: ``ts_rank``'s weights for the parts D, C, B, A: unused, date, neighbours, own text.

@@ -106,14 +106,17 @@ http {{
 
 
 @pytest.fixture
-async def team(running_postgres: PostgresServer, tmp_path: Path) -> AsyncIterator[Team]:
+async def team(running_postgres: PostgresServer, tmp_path: Path,
+               request: pytest.FixtureRequest) -> AsyncIterator[Team]:
+    """The team; ``indirect`` parametrisation gives its write queue's size (default 1,000)."""
+    queue = getattr(request, "param", 1000)
     dsn = running_postgres.dsn(running_postgres.new_database())
     async with Provider(chunk_delay=0) as provider:
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({"memproxy": {
             "headers": {"supermemory_api_key": None},
             "log": {"format": "json"},
-            "memory": {"backend": "postgres", "dsn": "os.environ/TEAM_DSN", "queue": 20,
+            "memory": {"backend": "postgres", "dsn": "os.environ/TEAM_DSN", "queue": queue,
                        "recall": {"timeout_ms": 1000}},
         }}))
         replicas: list[ServeProcess] = []
@@ -298,6 +301,8 @@ async def _until(check: Any, timeout: float) -> None:
         await asyncio.sleep(0.2)
 
 
+# A small write queue, so that the outage overflows it and drops are counted.
+@pytest.mark.parametrize("team", [20], indirect=True)
 async def test_postgres_stopping_mid_traffic_fails_no_request_and_memory_comes_back(
     team: Team,
 ) -> None:

@@ -23,11 +23,14 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
 from bench import nginx_conf
+
+if TYPE_CHECKING:
+    from psycopg.abc import Query
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -414,3 +417,84 @@ class Lab:
         result["proxy_system_us_per_request"] = result["proxy_system_s"] / requests * 1e6
         result["upstream_cpu_us_per_request"] = result["upstream_cpu_s"] / requests * 1e6
         return result
+
+
+#: PostgreSQL settings that decide what a write costs, printed with the figures.
+POSTGRES_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers")
+
+
+# -- PostgreSQL: the server, and databases of the benchmarks' own ------------------------------
+
+@contextlib.contextmanager
+def postgres_server(dsn: str | None) -> Iterator[str]:
+    """A connection string to create databases with: ``dsn``, or a throwaway server's.
+
+    The throwaway server (``tests/postgres_server.py``: initdb and pg_ctl on a temporary
+    folder) is stopped and its folder deleted when the block ends, however it ends.
+    """
+    if dsn is not None:
+        yield dsn
+        return
+    from tests.postgres_server import PostgresServer, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        raise BenchAborted("no PostgreSQL programs (initdb, pg_ctl) found: apt-get install "
+                           "postgresql, or name a server with --dsn")
+    print(f"starting a throwaway PostgreSQL server ({bindir}); it is stopped at the end",
+          flush=True)
+    server = PostgresServer(bindir)
+    try:
+        yield server.dsn("postgres")
+    finally:
+        server.close()
+        print("throwaway PostgreSQL server stopped", flush=True)
+
+
+async def postgres_execute(dsn: str, *statements: Query) -> tuple[object, ...] | None:
+    """Run the statements outside a transaction; the first row of the last one, if any."""
+    import psycopg
+
+    row: tuple[object, ...] | None = None
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        for statement in statements:
+            cursor = await connection.execute(statement)
+            row = await cursor.fetchone() if cursor.description else None
+    return row
+
+
+async def create_database(dsn: str, purpose: str) -> tuple[str, str]:
+    """A new, empty database on the server ``dsn`` names: (its name, its connection string)."""
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"memproxy_bench_{purpose}_{os.getpid()}"
+    await postgres_execute(
+        dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name, make_conninfo(dsn, dbname=name)
+
+
+async def drop_database(dsn: str, name: str) -> None:
+    from psycopg import sql
+
+    await postgres_execute(
+        dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+async def postgres_settings(dsn: str) -> str:
+    """The server's version and the settings that decide what a write costs, in words,
+    with a warning when commits do not wait for the disk."""
+    row = await postgres_execute(dsn, "SELECT current_setting('server_version'), "
+                                      "current_setting('fsync'), "
+                                      "current_setting('synchronous_commit'), "
+                                      "current_setting('full_page_writes'), "
+                                      "current_setting('shared_buffers')")
+    assert row is not None
+    version, *values = (str(value) for value in row)
+    settings = dict(zip(POSTGRES_SETTINGS, values, strict=True))
+    said = f"PostgreSQL {version}: " + ", ".join(f"{k} {v}" for k, v in settings.items())
+    if settings["fsync"] == "off" or settings["synchronous_commit"] == "off":
+        said += ("\nNOTE: commits do not wait for the disk (fsync or synchronous_commit off, "
+                 "as on the throwaway test server): write figures are optimistic")
+    return said

@@ -104,8 +104,18 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 import memproxy
-from bench.harness import REPO, BenchAborted, ProcessGroup, child_env, free_port, percentile
-from bench.memory_speed import create_database, drop_database, postgres_server, postgres_settings
+from bench.harness import (
+    REPO,
+    BenchAborted,
+    ProcessGroup,
+    child_env,
+    create_database,
+    drop_database,
+    free_port,
+    percentile,
+    postgres_server,
+    postgres_settings,
+)
 from memproxy.memory.recall import BLOCK_OPEN, BLOCK_OUTRO, BYTES_PER_TOKEN
 from memproxy.memory.store import split_text
 

@@ -98,7 +98,7 @@ async def test_replicas_starting_at_once_create_the_schema_once(pg_dsn: str) -> 
             await store.add([new(f"replica {i} remembers the harbour")])
         found = await stores[0].search("alice", "harbour", limit=10)
         assert len(found) == 6
-        assert await stores[0].migrate() == (1, 1)
+        assert await stores[0].migrate() == (2, 2)
     finally:
         await asyncio.gather(*(store.close() for store in stores))
 
@@ -119,9 +119,9 @@ async def test_with_migrate_false_memory_waits_for_the_operators_migrate_db(
         "backend": "postgres", "dsn": "os.environ/TEAM_DSN", "migrate": False}}}))
     first = run_cli("memory", "--config", str(config), "migrate-db", env={"TEAM_DSN": dsn})
     assert first.returncode == 0, first.stderr
-    assert "layout 1 (was 0)" in first.stdout
+    assert "layout 2 (was 0)" in first.stdout
     again = run_cli("memory", "--config", str(config), "migrate-db", env={"TEAM_DSN": dsn})
-    assert "layout 1 (already up to date)" in again.stdout
+    assert "layout 2 (already up to date)" in again.stdout
     manual = PostgresMemoryStore(dsn, migrate=False)
     try:
         await manual.add([new("after the migration")])
@@ -144,6 +144,33 @@ async def test_a_database_of_a_newer_memproxy_is_refused(
             await newer.open()
     finally:
         await newer.close()
+
+
+async def test_pins_of_a_layout_1_database_survive_the_upgrade_and_then_age_from_it(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = postgres_server.new_database()
+    dsn = postgres_server.dsn(database)
+    monkeypatch.setattr(postgres_backend, "SCHEMA_VERSION", 1)
+    old = PostgresMemoryStore(dsn)
+    try:
+        assert await old.migrate() == (0, 1)
+    finally:
+        await old.close()
+    monkeypatch.undo()
+    postgres_server.sql("INSERT INTO memproxy_pins VALUES ('alice', 'before-upgrade', "
+                        "'an old block')", database)
+
+    upgraded_at = time.time()
+    store = PostgresMemoryStore(dsn)
+    try:
+        assert await store.pinned("alice", "before-upgrade") == "an old block"
+        assert await store.migrate() == (2, 2)
+        assert await store.forget_quiet_pins(upgraded_at - 50) == 0
+        assert await store.forget_quiet_pins(upgraded_at + 50) == 1
+        assert await store.pinned("alice", "before-upgrade") is None
+    finally:
+        await store.close()
 
 
 # -- recall for users with many memories -----------------------------------------------

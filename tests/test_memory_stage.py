@@ -45,6 +45,7 @@ from memproxy.endpoints import MEMORY
 from memproxy.memory import MEMORIES_HEADER
 from memproxy.memory import sqlite as sqlite_backend
 from memproxy.memory import stage as stage_module
+from memproxy.memory.dialects import api_format, read_request
 from memproxy.memory.recall import BLOCK_CLOSE, BLOCK_OPEN
 from memproxy.memory.sqlite import SqliteMemoryStore
 from memproxy.memory.stage import MemoryStage
@@ -741,6 +742,35 @@ async def test_every_later_request_of_a_conversation_carries_its_first_block_byt
     fresh = await proxy.ask(api, "ann", ["What else does Zorblax adore?"])
     assert tuna in (fresh.block or "")  # a new conversation does recall afresh
     assert tuna not in first.block
+
+
+async def test_a_conversation_quiet_for_the_pin_lifetime_loses_its_pin_and_goes_on_without_a_block(
+    start: Start, memory_log: TextIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lifetime (30 days) and the hourly sweep, shortened to fractions of a second.
+    monkeypatch.setattr(stage_module, "PIN_LIFETIME", 0.5)
+    monkeypatch.setattr(stage_module, "PIN_SWEEP_DELAY", 0.0)
+    monkeypatch.setattr(stage_module, "PIN_SWEEP_INTERVAL", 0.1)
+    proxy = await start()
+    await proxy.tell("ann", ZORBLAX)
+    first = await proxy.ask("chat", "ann", [ASK])
+    assert first.block is not None and ZORBLAX in first.block
+    parsed = read_request(api_format("POST", PATHS["chat"]), first.sent)
+    assert parsed is not None
+    conversation = stage_module.conversation_id("ann", None, parsed)
+    assert conversation is not None
+
+    deadline = time.monotonic() + 10
+    while await proxy.stage.store.pinned("ann", conversation) is not None:
+        assert time.monotonic() < deadline, "the quiet conversation's pin was never dropped"
+        await asyncio.sleep(0.05)
+    dropped = [line for line in read_log(memory_log) if line["event"] == "memory_pins_dropped"]
+    assert dropped and dropped[0]["pins"] >= 1
+
+    later = await proxy.ask("chat", "ann", [ASK, proxy.upstream.reply, "And what else?"])
+    assert later.status == 200 and later.block is None
+    fresh = await proxy.ask("chat", "ann", ["Tell me about my cat Zorblax again"])
+    assert ZORBLAX in (fresh.block or "")  # memory itself goes on: new conversations recall
 
 
 @pytest.mark.parametrize("api", list(PATHS))

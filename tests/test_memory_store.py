@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -431,6 +432,51 @@ async def test_pins_are_kept_and_dropped_when_a_memory_is_deleted(
     assert await store.pinned("alice", "conv-a") == "block A2"
     await store.delete_user("bob")
     assert await store.pinned("bob", "conv-a") is None
+
+
+async def test_pins_of_conversations_quiet_since_the_cutoff_are_dropped_and_no_others(
+    store: MemoryStore,
+) -> None:
+    written = time.time()
+    await store.pin("alice", "quiet", "alice's quiet block")
+    await store.pin("alice", "talking", "alice's busy block")
+    await store.pin("bob", "quiet", "bob's quiet block")
+    # Only "talking" stores something after the cut-off; "quiet" did, but before it.
+    await store.add([new("an old message", conversation="quiet", at=written - 1000),
+                     new("still talking", conversation="talking", at=written + 100)])
+
+    assert await store.forget_quiet_pins(written - 50) == 0  # every pin is younger than that
+    assert await store.pinned("alice", "quiet") == "alice's quiet block"
+
+    assert await store.forget_quiet_pins(written + 50) == 2
+    assert await store.pinned("alice", "quiet") is None
+    assert await store.pinned("bob", "quiet") is None
+    assert await store.pinned("alice", "talking") == "alice's busy block"
+    assert texts(await store.export("alice")) == ["an old message", "still talking"]
+
+
+async def test_pins_of_a_layout_2_file_survive_the_upgrade_and_then_age_from_it(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "memory.db"
+    store = SqliteMemoryStore(database)
+    await store.pin("alice", "before-upgrade", "an old block")
+    await store.close()
+    with _raw(database) as connection:  # back to layout 2: pins without their time
+        (key,) = connection.execute("SELECT tables FROM users").fetchone()
+        connection.execute(f"ALTER TABLE pins_{key} DROP COLUMN pinned_at")
+        connection.execute("PRAGMA user_version = 2")
+
+    upgraded_at = time.time()
+    upgraded = SqliteMemoryStore(database)
+    try:
+        assert await upgraded.pinned("alice", "before-upgrade") == "an old block"
+        assert await upgraded.forget_quiet_pins(upgraded_at - 50) == 0
+        assert await upgraded.pinned("alice", "before-upgrade") == "an old block"
+        assert await upgraded.forget_quiet_pins(upgraded_at + 50) == 1
+        assert await upgraded.pinned("alice", "before-upgrade") is None
+    finally:
+        await upgraded.close()
 
 
 async def test_users_export_recent_and_search(store: MemoryStore) -> None:

@@ -78,7 +78,7 @@ log = structlog.get_logger("memproxy.memory")
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 #: The layout this code writes; kept in ``memproxy_schema``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The advisory lock that serialises schema changes ("memproxy" in ASCII, as a number).
 SCHEMA_LOCK = 0x6D656D70726F7879
 #: Connections per process at most.
@@ -345,11 +345,24 @@ class PostgresMemoryStore:
                     "INSERT INTO memproxy_users(user_id) VALUES (%s) ON CONFLICT DO NOTHING",
                     (user_id,))
                 await connection.execute(
-                    "INSERT INTO memproxy_pins VALUES (%s, %s, %s) ON CONFLICT (user_id, "
-                    "conversation_id) DO UPDATE SET block = excluded.block",
-                    (user_id, _text(conversation_id), _text(block)))
+                    "INSERT INTO memproxy_pins(user_id, conversation_id, block, pinned_at) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, conversation_id) "
+                    "DO UPDATE SET block = excluded.block, pinned_at = excluded.pinned_at",
+                    (user_id, _text(conversation_id), _text(block), time.time()))
 
         await self._run(work, timeout=WRITE_CONNECT_TIMEOUT)
+
+    async def forget_quiet_pins(self, before: float) -> int:
+        async def work(connection: AsyncConnection[TupleRow]) -> int:
+            cursor = await connection.execute(
+                "DELETE FROM memproxy_pins p WHERE p.pinned_at < %(before)s AND NOT EXISTS ("
+                "SELECT 1 FROM memproxy_memories m WHERE m.user_id = p.user_id "
+                "AND m.conversation_id = p.conversation_id AND m.created_at >= %(before)s)",
+                {"before": before})
+            return cursor.rowcount
+
+        result: int = await self._run(work, timeout=WRITE_CONNECT_TIMEOUT)
+        return result
 
     # -- erasing -------------------------------------------------------------------------
 
@@ -628,8 +641,19 @@ async def _to_v1(connection: AsyncConnection[TupleRow]) -> None:
         await connection.execute(statement)
 
 
+async def _to_v2(connection: AsyncConnection[TupleRow]) -> None:
+    """Layout 2: each pin says when it was written, so the pins of quiet conversations go.
+
+    The pins already there count as written now: their conversations get the full time.
+    """
+    await connection.execute("ALTER TABLE memproxy_pins ADD COLUMN pinned_at double precision "
+                             "NOT NULL DEFAULT extract(epoch FROM now())")
+    await connection.execute("CREATE INDEX memproxy_pins_time ON memproxy_pins(pinned_at)")
+
+
 #: Steps that upgrade the schema from layout ``k`` to ``k + 1``, run in order.
-MIGRATIONS: dict[int, Callable[[AsyncConnection[TupleRow]], Awaitable[None]]] = {0: _to_v1}
+MIGRATIONS: dict[int, Callable[[AsyncConnection[TupleRow]], Awaitable[None]]] = {
+    0: _to_v1, 1: _to_v2}
 
 
 async def _has_per_user_index(connection: AsyncConnection[TupleRow]) -> bool:

@@ -77,7 +77,7 @@ from memproxy.memory.store import (
 log = structlog.get_logger("memproxy.memory")
 
 #: The layout this code writes; kept in the file as ``PRAGMA user_version``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: How long a write waits for another process's write, in seconds.
 BUSY_TIMEOUT = 10.0
 #: Threads (each with its own connection) that serve reads.
@@ -120,8 +120,19 @@ def _to_v2(connection: sqlite3.Connection) -> None:
         connection.execute(statement)
 
 
+def _to_v3(connection: sqlite3.Connection) -> None:
+    """Layout 3: each pin says when it was written, so the pins of quiet conversations go.
+
+    The pins already there count as written now: their conversations get the full time.
+    """
+    now = time.time()
+    for (key,) in connection.execute("SELECT tables FROM users").fetchall():
+        connection.execute(f"ALTER TABLE {_Tables(key).pins} "
+                           f"ADD COLUMN pinned_at REAL NOT NULL DEFAULT {now!r}")
+
+
 #: Steps that upgrade a file from layout ``k`` to ``k + 1``, run in order on open.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v2, 2: _to_v3}
 
 _USER_SCHEMA = (
     """CREATE TABLE {memory}(
@@ -140,7 +151,11 @@ _USER_SCHEMA = (
     "CREATE INDEX {memory}_message ON {memory}(message)",
     """CREATE VIRTUAL TABLE {index} USING fts5(
         text, context, date, content='', tokenize='porter unicode61 remove_diacritics 2')""",
-    "CREATE TABLE {pins}(conversation_id TEXT PRIMARY KEY, block TEXT NOT NULL) WITHOUT ROWID",
+    """CREATE TABLE {pins}(
+        conversation_id TEXT PRIMARY KEY,
+        block           TEXT NOT NULL,
+        pinned_at       REAL NOT NULL       -- unix time
+    ) WITHOUT ROWID""",
 )
 
 _COLUMNS = "id, conversation_id, role, text, created_at, client, user_agent, model"
@@ -248,6 +263,14 @@ class SqliteMemoryStore:
     async def pin(self, user_id: str, conversation_id: str, block: str) -> None:
         await self._write(partial(_pin, user_id=user_id, conversation_id=conversation_id,
                                   block=block))
+
+    async def forget_quiet_pins(self, before: float) -> int:
+        users = await self._read(_table_keys)
+        dropped = 0
+        for key in users:  # a transaction each: other processes' writes wait for one user only
+            dropped += await self._write(partial(_forget_quiet_pins, tables=_Tables(key),
+                                                 before=before))
+        return dropped
 
     async def size_bytes(self) -> int:
         return await asyncio.to_thread(self._size_bytes)
@@ -538,8 +561,24 @@ def _index(connection: sqlite3.Connection, tables: _Tables, row: _Row, neighbour
 def _pin(connection: sqlite3.Connection, user_id: str, conversation_id: str, block: str) -> None:
     with _transaction(connection, write=True):
         tables = _tables_for_writing(connection, user_id)
-        connection.execute(f"INSERT OR REPLACE INTO {tables.pins} VALUES (?, ?)",
-                           (conversation_id, block))
+        connection.execute(f"INSERT OR REPLACE INTO {tables.pins}(conversation_id, block, "
+                           "pinned_at) VALUES (?, ?, ?)", (conversation_id, block, time.time()))
+
+
+def _table_keys(connection: sqlite3.Connection) -> list[int]:
+    return [key for (key,) in connection.execute("SELECT tables FROM users")]
+
+
+def _forget_quiet_pins(connection: sqlite3.Connection, tables: _Tables, before: float) -> int:
+    with _transaction(connection, write=True):
+        if connection.execute("SELECT 1 FROM users WHERE tables = ?",
+                              (tables.key,)).fetchone() is None:
+            return 0  # the user was erased, or their tables rebuilt, since they were listed
+        dropped: int = connection.execute(
+            f"DELETE FROM {tables.pins} WHERE pinned_at < ? AND conversation_id NOT IN "
+            f"(SELECT conversation_id FROM {tables.memory} WHERE created_at >= ?)",
+            (before, before)).rowcount
+    return dropped
 
 
 # -- erasing ------------------------------------------------------------------------------------

@@ -49,6 +49,14 @@ RETRY_MAX = 2.0
 DROP_LOG_INTERVAL = 10.0
 #: How long a stopping memproxy waits for queued memories to reach the store.
 FLUSH_TIMEOUT = 5.0
+#: A conversation's pinned block is dropped once the conversation has stored nothing for
+#: this many seconds (and was pinned as long ago): a conversation resumed later goes on
+#: without a block, as one that began before memory was on. Without this, every
+#: conversation would leave a pin behind for good.
+PIN_LIFETIME = 30 * 86400.0
+#: Seconds from start to the first look for pins of quiet conversations, and between looks.
+PIN_SWEEP_DELAY = 60.0
+PIN_SWEEP_INTERVAL = 3600.0
 #: How each memory starts in a block (see memproxy.memory.recall), for counting them.
 _SNIPPET = re.compile(r"^\[\d{4}-\d{2}-\d{2}\] ", re.MULTILINE)
 
@@ -125,6 +133,7 @@ class MemoryStage:
         self.counters = counters
         self._queue: asyncio.Queue[list[NewMemory]] = asyncio.Queue(maxsize=settings.queue)
         self._writer: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._pinning: set[asyncio.Task[None]] = set()
         self._unwritten_pins: dict[tuple[str, str], str] = {}
         #: The last recalls, newest last, for the status page: (time, user, memories, ms).
@@ -336,6 +345,25 @@ class MemoryStage:
                          "; queued memories are being written" if self._queue.qsize() else ""))
             self.degraded = None
 
+    async def _sweep_pins_forever(self) -> None:
+        await asyncio.sleep(PIN_SWEEP_DELAY)
+        while True:
+            await self.sweep_pins()
+            await asyncio.sleep(PIN_SWEEP_INTERVAL)
+
+    async def sweep_pins(self) -> int:
+        """Drop the pins of conversations quiet for :data:`PIN_LIFETIME`; how many went."""
+        try:
+            dropped = await self.store.forget_quiet_pins(time.time() - PIN_LIFETIME)
+        except Exception as exc:  # housekeeping: the next sweep tries again
+            log.warning("memory_pin_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            return 0
+        if dropped:
+            log.info("memory_pins_dropped", pins=dropped,
+                     reason=f"their conversations stored nothing for "
+                            f"{PIN_LIFETIME / 86400:g} days")
+        return dropped
+
     async def flush(self) -> None:
         """Wait until every queued memory and pin has been handed to the store."""
         while not self._queue.empty() or self._in_hand:
@@ -346,9 +374,13 @@ class MemoryStage:
     async def running(self) -> AsyncIterator[None]:
         """The writer task, for the application's life; queued writes are flushed at the end."""
         self._writer = asyncio.create_task(self._write_forever())
+        self._sweeper = asyncio.create_task(self._sweep_pins_forever())
         try:
             yield
         finally:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.flush(), FLUSH_TIMEOUT)
             self._writer.cancel()

@@ -176,6 +176,14 @@ class MemoryStore(Protocol):
         """
         ...
 
+    async def forget_quiet_pins(self, before: float) -> int:
+        """Drop the pins of conversations quiet since ``before`` (unix time).
+
+        A pin goes when it was written before ``before`` and its conversation has stored
+        no memory since. Returns the number dropped.
+        """
+        ...
+
     async def size_bytes(self) -> int:
         """The size of the backend's files, for metrics."""
         ...

@@ -16,6 +16,7 @@ from memproxy.config import Settings
 from memproxy.detection import DetectorChain, build_detector_chain
 from memproxy.endpoints import (
     ACTIVITY,
+    DEMO_PROVIDER,
     FORWARDER,
     INBOX,
     KEY_PROBLEMS,
@@ -118,6 +119,7 @@ def create_app(
         app.cleanup_ctx.append(_memory(memory, "the memory file" if settings.memory.backend
                                        == "local" else "the memory database"))
     if demo_provider is not None:
+        app[DEMO_PROVIDER] = demo_provider
         app.cleanup_ctx.append(supervised(demo_provider))
     if supervisor is not None:
         app[SUPERVISOR] = supervisor

@@ -25,7 +25,7 @@ from memproxy.memory.stage import MemoryStage
 from memproxy.metrics import Metrics
 from memproxy.reload import ReloadResult
 from memproxy.routing import Refusal, client_request
-from memproxy.supervisor import LIVELINESS_PATH, LiteLLMSupervisor
+from memproxy.supervisor import LIVELINESS_PATH, DemoProviderSupervisor, LiteLLMSupervisor
 from memproxy.team_view import TeamView
 from memproxy.workers import WORKER_ENV
 
@@ -79,11 +79,18 @@ async def health(app: web.Application) -> tuple[bool, dict[str, object]]:
                        failures=supervisor.failures)
     litellm.update(status="ok" if ok else "unavailable", detail=detail)
     body: dict[str, object] = {
-        "status": "ok" if ok else "degraded",
         "memproxy": {"status": "ok", "version": __version__,
                      "uptime_s": round(time.monotonic() - app[STARTED], 1)},
         "litellm": litellm,
     }
+    demo = app.get(DEMO_PROVIDER)
+    if demo is not None:
+        # The demo models' provider: while it is down, they fail as a real provider would.
+        body["demo_provider"] = {"status": "ok" if demo.ready else "unavailable",
+                                 "detail": demo.detail, "url": demo.url, "pid": demo.pid,
+                                 "restarts": demo.restarts}
+        ok = ok and demo.ready
+    body = {"status": "ok" if ok else "degraded", **body}
     memory = app.get(MEMORY)
     if memory is not None:
         # Memory failing never fails a request (they go on without it), so it does not
@@ -214,5 +221,6 @@ TEAM_VIEW = web.AppKey("team_view", TeamView)
 MEMORY = web.AppKey("memory", MemoryStage)
 KEY_PROBLEMS = web.AppKey("key_problems", KeyProblems)
 SUPERVISOR = web.AppKey("supervisor", LiteLLMSupervisor)
+DEMO_PROVIDER = web.AppKey("demo_provider", DemoProviderSupervisor)
 RELOAD: web.AppKey[Callable[[], ReloadResult]] = web.AppKey("reload")
 STARTED = web.AppKey("started", float)

@@ -607,6 +607,9 @@ class DemoProviderSupervisor:
         self.stop_timeout = stop_timeout
         self.max_backoff = max_backoff
         self.restarts = 0
+        #: Whether it answers right now, and if not, why (for /health and the status page).
+        self.ready = False
+        self.detail = "not started"
         self._process: asyncio.subprocess.Process | None = None
         self._spawned_at = 0.0
         self._output: asyncio.Task[None] | None = None
@@ -672,6 +675,7 @@ class DemoProviderSupervisor:
                         f"(its output is in memproxy's log)")
                 if await child_answers(session, process, self.port, self.url + "/"):
                     log.info("demo_provider_ready", url=self.url, pid=process.pid)
+                    self.ready, self.detail = True, "running"
                     return
                 if time.monotonic() > deadline:
                     await self._terminate()
@@ -689,6 +693,7 @@ class DemoProviderSupervisor:
                 return
             if time.monotonic() - self._spawned_at > STABLE_AFTER_S:
                 backoff = 1.0
+            self.ready, self.detail = False, f"{_exit_text(code)}; restarting"
             log.error("demo_provider_failed", reason=_exit_text(code), restart_in_s=backoff)
             while not self._stopping.is_set():
                 await asyncio.sleep(backoff)
@@ -699,8 +704,9 @@ class DemoProviderSupervisor:
                     await self._wait_ready()
                     break
                 except (DemoProviderError, OSError) as exc:
-                    log.error("demo_provider_failed", reason=str(exc).splitlines()[0],
-                              restart_in_s=backoff)
+                    reason = str(exc).splitlines()[0]
+                    self.detail = f"{reason}; restarting"
+                    log.error("demo_provider_failed", reason=reason, restart_in_s=backoff)
 
     async def _terminate(self) -> None:
         await stop_process_group(self._process, self.stop_timeout, "demo_provider_kill")
@@ -708,6 +714,7 @@ class DemoProviderSupervisor:
     async def stop(self) -> None:
         """Terminate it (SIGTERM, then SIGKILL after ``stop_timeout``)."""
         self._stopping.set()
+        self.ready, self.detail = False, "stopped"
         if self._watch:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

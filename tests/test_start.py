@@ -220,7 +220,7 @@ def test_a_taken_demo_provider_port_is_said_before_litellm_starts(tmp_path: Path
     assert "litellm_spawned" not in result.stderr
 
 
-def test_the_demo_provider_answers_through_the_chain_and_is_restarted_if_it_dies(
+def test_the_demo_provider_answers_through_the_chain_is_restarted_if_it_dies_and_health_says_so(
     tmp_path: Path
 ) -> None:
     port = unused_port()
@@ -232,15 +232,30 @@ def test_the_demo_provider_answers_through_the_chain_and_is_restarted_if_it_dies
             ).choices[0].message.content)
 
         assert ask().startswith('memproxy-demo here. You said: "hi".')
+        demo = chain.health()["demo_provider"]
+        assert (demo["status"], demo["url"], demo["restarts"]) == (
+            "ok", f"http://127.0.0.1:{port}", 0)
         spawned = [line for line in json_lines(chain.log.read_text())
                    if line["event"] == "demo_provider_spawned"]
+        assert demo["pid"] == spawned[0]["pid"]
         os.kill(spawned[0]["pid"], signal.SIGKILL)
+        # Until it is back, /health says so (it waits a second before the restart).
+        deadline = time.monotonic() + 10
+        while (health := chain.health())["demo_provider"]["status"] == "ok":
+            assert time.monotonic() < deadline, "/health never said the demo provider died"
+            time.sleep(0.05)
+        assert health["status"] == "degraded"
+        assert health["demo_provider"]["detail"] == "killed by SIGKILL; restarting"
         deadline = time.monotonic() + 20
         while len([line for line in json_lines(chain.log.read_text())
                    if line["event"] == "demo_provider_ready"]) < 2:
             assert time.monotonic() < deadline, chain.log.read_text()
             time.sleep(0.2)
         assert ask().startswith("memproxy-demo here.")
+        health = chain.health()
+        assert health["status"] == "ok"
+        assert health["demo_provider"]["restarts"] == 1
+        assert health["demo_provider"]["pid"] not in (None, spawned[0]["pid"])
     finally:
         stop_chain(chain)
     events = [line["event"] for line in json_lines(chain.log.read_text())]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from memproxy.config import ConfigError, Settings, load_settings
+from memproxy.config import ConfigError, Settings, config_warnings, load_settings
 from memproxy.detection import PluginError, build_detector_chain
 from memproxy.forwarding import Forwarder
 from memproxy.litellm_lint import lint
@@ -48,7 +48,8 @@ def reload_config(forwarder: Forwarder, extra_plugins: Sequence[object] = ()) ->
         return ReloadResult(False, f"{running.path}: {exc}", chain_now)
     settings = _keep_restart_only(running, settings)
     forwarder.configure(settings, chain)
-    for warning in lint(settings):
+    # The same warnings as at start-up: a reload is when a new mistake arrives.
+    for warning in [*config_warnings(settings), *lint(settings)]:
         log.warning("config_warning", message=warning)
     chain_new = [f"{link.name}:{link.priority}" for link in chain.links]
     log.info("config_reloaded", config=str(running.path), detector_chain=chain_new)

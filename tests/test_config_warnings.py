@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from memproxy.config import ConfigError, load_settings, section_warnings
@@ -111,6 +112,26 @@ def test_serve_logs_the_warnings_at_start_up(
     assert len(warnings) == 2, warnings
     assert "did you mean 'user_id_mappings'?" in warnings[0]
     assert "no user_id_mappings.header_patterns" in warnings[1]
+
+
+def test_a_reload_logs_the_warnings_of_the_config_it_loaded(
+    tmp_path: Path, fake_litellm: FakeLiteLLM, serve_memproxy: ServeFactory
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("user_id_mappings:\n  header_patterns:\n" + PATTERN)
+    process = serve_memproxy(config, fake_litellm.url)
+    config.write_text("user_id_mappings:\n  header_patterns:\n" + PATTERN +
+                      "memproxi:\n  unidentified: refuse\n")
+    reloaded = httpx.post(f"http://127.0.0.1:{process.port}/memory-routing/reload", timeout=10)
+    assert reloaded.json()["reloaded"] is True
+    out, _ = process.stop(timeout=30)
+    events = [json.loads(line) for line in out.splitlines()]
+    warnings = [event["message"] for event in events if event["event"] == "config_warning"]
+    # None at start-up (that config was fine); the reloaded one's, once.
+    assert warnings == ["top-level key 'memproxi' is not read by memproxy nor by LiteLLM, so "
+                        "its settings are ignored: did you mean 'memproxy'?"]
+    assert [e["event"] for e in events].index("config_reloaded") > [
+        e["event"] for e in events].index("config_warning")
 
 
 def test_a_misspelt_detector_name_gets_the_closest_installed_one(tmp_path: Path) -> None:

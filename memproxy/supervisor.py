@@ -42,6 +42,10 @@ log = structlog.get_logger("memproxy.supervisor")
 
 LIVELINESS_PATH = "/health/liveliness"
 _PR_SET_PDEATHSIG = 1
+#: LiteLLM's output file (``start --litellm-log``) is moved to ``NAME.1``, replacing the one
+#: before, when it passes this many characters: LiteLLM writes a line per request, and one
+#: per liveliness probe, so without this it would grow for as long as memproxy runs.
+LOG_FILE_LIMIT = 20 * 1024 * 1024
 #: A child that exits sooner than this after its start counts towards a crash loop.
 STABLE_AFTER_S = 60.0
 #: This many quick exits in a row make a crash loop.
@@ -341,6 +345,7 @@ class LiteLLMSupervisor:
         self._last_error: OutputLine | None = None
         self._spawned_at = 0.0
         self._log: TextIO | None = None
+        self._log_size = 0
         self._process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -370,7 +375,7 @@ class LiteLLMSupervisor:
         executable = self.executable or find_litellm()
         if self.log_file is not None:
             try:
-                self._log = self.log_file.open("a", encoding="utf-8", buffering=1)
+                self._open_log()
             except OSError as exc:
                 raise LiteLLMStartError(
                     f"cannot write LiteLLM's log {self.log_file}: {exc.strerror or exc}"
@@ -413,8 +418,7 @@ class LiteLLMSupervisor:
                 return
             text = strip_ansi(raw.decode("utf-8", "replace")).rstrip()
             if self._log is not None:
-                with contextlib.suppress(OSError, ValueError):  # disk full, or closed
-                    self._log.write(text + "\n")
+                self._write_log(text + "\n")
             if not text.strip() or LIVELINESS_PATH in text:
                 continue  # memproxy's own probes would push the useful lines out
             self.last_lines.append(text)
@@ -532,6 +536,27 @@ class LiteLLMSupervisor:
 
     async def _terminate(self) -> None:
         await stop_process_group(self._process, self.stop_timeout, "litellm_kill")
+
+    def _open_log(self) -> None:
+        assert self.log_file is not None
+        self._log = self.log_file.open("a", encoding="utf-8", buffering=1)
+        self._log_size = os.fstat(self._log.fileno()).st_size
+
+    def _write_log(self, text: str) -> None:
+        """A line into LiteLLM's file, moved aside to ``NAME.1`` once it passes the limit."""
+        assert self._log is not None and self.log_file is not None
+        try:
+            self._log.write(text)
+            self._log_size += len(text)
+            if self._log_size > LOG_FILE_LIMIT:
+                self._log.close()
+                os.replace(self.log_file, self.log_file.with_name(self.log_file.name + ".1"))
+                self._open_log()
+        except (OSError, ValueError) as exc:  # disk full, a folder gone: LiteLLM goes on
+            if self._log is None or self._log.closed:
+                self._log = None
+                log.warning("litellm_log_stopped", file=str(self.log_file),
+                            error=f"{type(exc).__name__}: {exc}")
 
     def _close_log(self) -> None:
         if self._log is not None:

@@ -238,3 +238,27 @@ async def test_a_crash_loop_is_an_error_with_its_reason_and_the_output_has_its_o
     assert "LiteLLM: Proxy initialized" in output and "\x1b[" not in output
     assert "address already in use" in output
     assert "GET /health/liveliness" in output  # LiteLLM's own file keeps all it wrote
+
+
+async def test_litellms_output_file_is_moved_aside_when_it_passes_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor, "LOG_FILE_LIMIT", 1000)
+    litellm_log = tmp_path / "litellm.log"
+    litellm_log.write_text("from an earlier run\n" * 40)  # 800 characters: nearly full
+    watched = LiteLLMSupervisor(config=tmp_path / "config.yaml", port=unused_port(),
+                                ready_timeout=10, executable=child_script(tmp_path, "serve"),
+                                log_file=litellm_log)
+    await watched.start()
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(40):  # a line of 67 characters each in LiteLLM's output
+                await client.get(watched.url + "/health/liveliness")
+    finally:
+        await watched.stop()  # which reads what LiteLLM wrote to the end
+
+    current, previous = litellm_log.read_text(), Path(f"{litellm_log}.1").read_text()
+    assert len(current) <= 1000 and len(previous) <= 1000 + 100  # the limit, and a line
+    assert "from an earlier run" not in current + previous  # two files at most are kept
+    assert current.endswith('"GET /health/liveliness HTTP/1.1" 200 OK\n')
+    assert not (tmp_path / "litellm.log.2").exists()

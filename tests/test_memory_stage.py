@@ -742,6 +742,7 @@ async def test_every_later_request_of_a_conversation_carries_its_first_block_byt
     fresh = await proxy.ask(api, "ann", ["What else does Zorblax adore?"])
     assert tuna in (fresh.block or "")  # a new conversation does recall afresh
     assert tuna not in first.block
+    assert await proxy.metric("memproxy_memory_skipped_total", reason="no_pin") == 0
 
 
 async def test_a_conversation_quiet_for_the_pin_lifetime_loses_its_pin_and_goes_on_without_a_block(
@@ -767,8 +768,10 @@ async def test_a_conversation_quiet_for_the_pin_lifetime_loses_its_pin_and_goes_
     dropped = [line for line in read_log(memory_log) if line["event"] == "memory_pins_dropped"]
     assert dropped and dropped[0]["pins"] >= 1
 
+    assert await proxy.metric("memproxy_memory_skipped_total", reason="no_pin") == 0
     later = await proxy.ask("chat", "ann", [ASK, proxy.upstream.reply, "And what else?"])
     assert later.status == 200 and later.block is None
+    assert await proxy.metric("memproxy_memory_skipped_total", reason="no_pin") == 1
     fresh = await proxy.ask("chat", "ann", ["Tell me about my cat Zorblax again"])
     assert ZORBLAX in (fresh.block or "")  # memory itself goes on: new conversations recall
 

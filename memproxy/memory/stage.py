@@ -243,6 +243,10 @@ class MemoryStage:
                     pinned = self._unwritten_pins.get((user_id, conv_id))
                     if pinned is None:
                         pinned = await self.store.pinned(user_id, conv_id)
+                    if pinned is None:
+                        # Begun before memory was on, its pin dropped as quiet, or the pin
+                        # not written yet when another process took this request.
+                        self.counters.skipped("no_pin")
                     if not pinned:
                         return "", 0
                     return pinned, len(_SNIPPET.findall(pinned))

@@ -100,15 +100,19 @@ def test_explain_warns_when_no_pattern_is_configured(tmp_path: Path) -> None:
     assert "every client shares the memory space 'shared'" in result.stderr
 
 
+def warnings_logged(out: str) -> list[str]:
+    """The ``config_warning`` messages among memproxy's JSON log lines."""
+    return [event["message"] for event in map(json.loads, out.splitlines())
+            if event["event"] == "config_warning"]
+
+
 def test_serve_logs_the_warnings_at_start_up(
     tmp_path: Path, fake_litellm: FakeLiteLLM, serve_memproxy: ServeFactory
 ) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("user_id_mapping:\n  header_patterns:\n" + PATTERN)
     process = serve_memproxy(config, fake_litellm.url)
-    out, _ = process.stop(timeout=30)
-    warnings = [event["message"] for event in map(json.loads, out.splitlines())
-                if event["event"] == "config_warning"]
+    warnings = warnings_logged(process.stop(timeout=30)[0])
     assert len(warnings) == 2, warnings
     assert "did you mean 'user_id_mappings'?" in warnings[0]
     assert "no user_id_mappings.header_patterns" in warnings[1]
@@ -117,21 +121,16 @@ def test_serve_logs_the_warnings_at_start_up(
 def test_a_reload_logs_the_warnings_of_the_config_it_loaded(
     tmp_path: Path, fake_litellm: FakeLiteLLM, serve_memproxy: ServeFactory
 ) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text("user_id_mappings:\n  header_patterns:\n" + PATTERN)
-    process = serve_memproxy(config, fake_litellm.url)
-    config.write_text("user_id_mappings:\n  header_patterns:\n" + PATTERN +
-                      "memproxi:\n  unidentified: refuse\n")
+    good = "user_id_mappings:\n  header_patterns:\n" + PATTERN
+    (tmp_path / "config.yaml").write_text(good)
+    process = serve_memproxy(tmp_path / "config.yaml", fake_litellm.url)
+    (tmp_path / "config.yaml").write_text(good + "memproxi:\n  unidentified: refuse\n")
     reloaded = httpx.post(f"http://127.0.0.1:{process.port}/memory-routing/reload", timeout=10)
     assert reloaded.json()["reloaded"] is True
-    out, _ = process.stop(timeout=30)
-    events = [json.loads(line) for line in out.splitlines()]
-    warnings = [event["message"] for event in events if event["event"] == "config_warning"]
     # None at start-up (that config was fine); the reloaded one's, once.
-    assert warnings == ["top-level key 'memproxi' is not read by memproxy nor by LiteLLM, so "
-                        "its settings are ignored: did you mean 'memproxy'?"]
-    assert [e["event"] for e in events].index("config_reloaded") > [
-        e["event"] for e in events].index("config_warning")
+    assert warnings_logged(process.stop(timeout=30)[0]) == [
+        "top-level key 'memproxi' is not read by memproxy nor by LiteLLM, so its settings are "
+        "ignored: did you mean 'memproxy'?"]
 
 
 def test_a_misspelt_detector_name_gets_the_closest_installed_one(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import yaml
+from aiohttp.test_utils import unused_port
 
 from bench import nginx_conf
 
@@ -80,13 +81,6 @@ def spread(values: Sequence[float]) -> tuple[float, float]:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(
@@ -336,8 +330,8 @@ class Lab:
 
     def start_upstream(self) -> None:
         """The fake upstream: nginx on ``upstream_port``, the Python stream server behind it."""
-        slow_port = free_port()
-        self.upstream_port = free_port()
+        slow_port = unused_port()
+        self.upstream_port = unused_port()
         slow = self.group.start([self.python, "-m", "bench.sse_upstream", str(slow_port)],
                                 env=child_env())
         wait_for_port(slow_port, 30, slow)
@@ -347,7 +341,7 @@ class Lab:
 
     def start_memproxy(self, target: Target, config: Path, workers: int = 1) -> None:
         """``python -m memproxy serve`` with ``config``; its stdout (the log) goes to a file."""
-        target.port = free_port()
+        target.port = unused_port()
         target.log_path = self.work / f"{target.key}.log"
         stderr_path = self.work / f"{target.key}.stderr"
         argv = [self.python, "-m", "memproxy", "serve", "--config", str(config),
@@ -367,7 +361,7 @@ class Lab:
     def start_baseline(self) -> Target:
         """The minimal aiohttp proxy, in front of the fake upstream."""
         baseline = Target("aiohttp-baseline", "minimal aiohttp proxy (reference)")
-        baseline.port = free_port()
+        baseline.port = unused_port()
         baseline.process = self.group.start(
             [self.python, "-m", "bench.aiohttp_baseline", str(baseline.port),
              f"http://127.0.0.1:{self.upstream_port}"],

@@ -101,6 +101,7 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
+from aiohttp.test_utils import unused_port
 from prometheus_client.parser import text_string_to_metric_families
 
 import memproxy
@@ -111,7 +112,6 @@ from bench.harness import (
     child_env,
     create_database,
     drop_database,
-    free_port,
     percentile,
     postgres_server,
     postgres_settings,
@@ -305,7 +305,7 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        self.port = free_port()
+        self.port = unused_port()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def stop(self) -> None:
@@ -376,7 +376,7 @@ class Memproxy:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.port = free_port()
+        self.port = unused_port()
         config = self.work / f"memproxy-{self.budget}.yaml"
         config.write_text(yaml.safe_dump({
             "user_id_mappings": {"custom_header": "x-memory-user-id",

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from aiohttp.test_utils import unused_port
 
 from bench import nginx_conf, profile_memproxy, report
 from bench.harness import (
@@ -53,7 +54,6 @@ from bench.harness import (
     Target,
     child_env,
     cpu_seconds,
-    free_port,
     memory_kib,
     percentile,
     reset_peak_rss,
@@ -151,7 +151,7 @@ class Bench:
         lab.start_upstream()
         direct = Target("direct", "direct to upstream (floor)", port=lab.upstream_port,
                         direct=True)
-        nginx = Target("nginx", "nginx, map on User-Agent (1 worker)", port=free_port())
+        nginx = Target("nginx", "nginx, map on User-Agent (1 worker)", port=unused_port())
         nginx.process = lab.start_nginx(
             "proxy", nginx_conf.proxy_conf(lab.work, nginx.port, lab.upstream_port,
                                            *lab.user_agent_rules()), nginx.port)

@@ -441,16 +441,18 @@ async def test_pins_of_conversations_quiet_since_the_cutoff_are_dropped_and_no_o
     await store.pin("alice", "quiet", "alice's quiet block")
     await store.pin("alice", "talking", "alice's busy block")
     await store.pin("bob", "quiet", "bob's quiet block")
-    # Only "talking" stores something after the cut-off; "quiet" did, but before it.
+    await store.pin("bob", "talking", "bob's block")  # alice's talking is not bob's
+    # Only alice's "talking" stores something after the cut-off; "quiet" did, but before it.
     await store.add([new("an old message", conversation="quiet", at=written - 1000),
                      new("still talking", conversation="talking", at=written + 100)])
 
     assert await store.forget_quiet_pins(written - 50) == 0  # every pin is younger than that
     assert await store.pinned("alice", "quiet") == "alice's quiet block"
 
-    assert await store.forget_quiet_pins(written + 50) == 2
+    assert await store.forget_quiet_pins(written + 50) == 3
     assert await store.pinned("alice", "quiet") is None
     assert await store.pinned("bob", "quiet") is None
+    assert await store.pinned("bob", "talking") is None
     assert await store.pinned("alice", "talking") == "alice's busy block"
     assert texts(await store.export("alice")) == ["an old message", "still talking"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
 
 from memproxy.metrics import UserIdLabels
 from memproxy.observers import RequestRecord
@@ -45,8 +46,14 @@ class ActivityWindow:
         for minute, counts in self._buckets:
             if minute >= oldest:
                 total.update(counts)
-        per_label: dict[str, dict[str, int]] = {}
-        for (label, succeeded), count in total.items():
-            outcomes = per_label.setdefault(label, {"succeeded": 0, "failed": 0})
-            outcomes["succeeded" if succeeded else "failed"] += count
-        return dict(sorted(per_label.items(), key=lambda item: -sum(item[1].values())))
+        return by_label(total)
+
+
+def by_label(counts: Mapping[tuple[str, bool], int]) -> dict[str, dict[str, int]]:
+    """Counts per ``(label, succeeded)`` as ``{label: {"succeeded": n, "failed": n}}``,
+    busiest label first."""
+    per_label: dict[str, dict[str, int]] = {}
+    for (label, succeeded), count in counts.items():
+        outcomes = per_label.setdefault(label, {"succeeded": 0, "failed": 0})
+        outcomes["succeeded" if succeeded else "failed"] += count
+    return dict(sorted(per_label.items(), key=lambda item: -sum(item[1].values())))

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from memproxy.activity import WINDOW_MINUTES
+from memproxy.activity import WINDOW_MINUTES, by_label
 from memproxy.inbox import describe_clients, fingerprint_of, talks_to_a_model
 from memproxy.memory.store import MemoryStore, SeenClient
 from memproxy.metrics import UserIdLabels
@@ -110,11 +110,7 @@ class TeamView:
         with contextlib.suppress(Exception):
             await self.report()
         since = int(time.time() // 60) - WINDOW_MINUTES + 1
-        per_label: dict[str, dict[str, int]] = {}
-        for (label, succeeded), count in (await self.store.activity(since)).items():
-            outcomes = per_label.setdefault(label, {"succeeded": 0, "failed": 0})
-            outcomes["succeeded" if succeeded else "failed"] += count
-        return dict(sorted(per_label.items(), key=lambda item: -sum(item[1].values())))
+        return by_label(await self.store.activity(since))
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

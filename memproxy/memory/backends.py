@@ -70,7 +70,6 @@ class CopyReport:
     read: int = 0
     #: Memories the target did not have yet (the rest it had: an earlier, interrupted copy).
     written: int = 0
-    pins: int = 0
 
 
 async def copy_memories(source: MemoryStore, target: MemoryStore, *,
